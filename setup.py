@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("mediaproxy/__init__.py").read_text()).group(1)
+
+setup(
+    name="mediaproxy",
+    version=version,
+    description="Media relay for SIP proxies (OpenSIPS, Kamailio): NAT traversal for RTP",
+    long_description=Path("README").read_text() if Path("README").exists() else "",
+    license="GPL-2.0-only",
+    author="MediaProxy developers",
+    packages=find_packages(include=["mediaproxy", "mediaproxy.*"]),
+    scripts=["scripts/media-dispatcher", "scripts/media-relay"],
+    python_requires=">=3.11",
+    install_requires=[
+        "twisted>=22.4",
+        "pyopenssl>=23.0",
+        "service-identity>=21.1",
+        "python-iptables>=1.0",
+        "pyroute2>=0.7",
+        "sqlalchemy>=1.4",
+        "pyrad>=2.4",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "cryptography>=38"]},
+    classifiers=[
+        "License :: OSI Approved :: GNU General Public License v2 (GPLv2)",
+        "Operating System :: POSIX :: Linux",
+        "Framework :: Twisted",
+        "Topic :: Communications :: Telephony",
+    ],
+)
