@@ -1,0 +1,269 @@
+"""config.ini, read once into frozen dataclasses that are passed down.
+
+Every option has a parser and a default here; a bad value stops start-up
+with a ConfigError naming the section, the key and the value.
+"""
+
+import configparser
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+log = logging.getLogger("mediaproxy")
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR, "critical": logging.CRITICAL}
+PASSPORT_ATTRIBUTES = {"O": "O", "OU": "OU", "CN": "CN", "C": "C", "L": "L", "ST": "ST",
+                       "EMAIL": "emailAddress", "EMAILADDRESS": "emailAddress"}
+ACCOUNTING_BACKENDS = frozenset(["database", "radius"])
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the daemon does not start."""
+
+
+# Value parsers: each takes the text and returns the value or raises ValueError(reason).
+
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("expected yes or no")
+
+
+def positive_number(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return int(value) if value == int(value) else value
+
+
+def positive_integer(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a whole number greater than 0")
+    return value
+
+
+def ip_address(text: str) -> Optional[str]:
+    text = text.strip()
+    if not text:
+        return None
+    return str(ipaddress.ip_address(text))
+
+
+def listen_address(default_port: int):
+    def parse(text: str):
+        host, port = split_host_port(text.strip(), default_port)
+        if port is None:
+            raise ValueError("missing port")
+        host = str(ipaddress.ip_address(host)) if host else "0.0.0.0"
+        return host, port
+    return parse
+
+
+def split_host_port(text: str, default_port: Optional[int]):
+    if text.startswith("["):                           # [v6]:port
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("bad port %r" % port)
+        return host, int(port)
+    return host, default_port
+
+
+def host_list(text: str) -> tuple:
+    hosts = []
+    for item in text.replace(",", " ").split():
+        host, port = split_host_port(item, None)
+        if not host:
+            raise ValueError("empty host in %r" % item)
+        hosts.append((host, port))
+    return tuple(hosts)
+
+
+def port_range(text: str) -> tuple:
+    start, sep, end = text.strip().partition(":")
+    if not sep or not start.isdigit() or not end.isdigit():
+        raise ValueError("expected start:end")
+    start, end = int(start), int(end)
+    if start % 2 or end % 2:
+        raise ValueError("the bounds must be even numbers")
+    if not 1024 <= start < end <= 65536:
+        raise ValueError("expected 1024 <= start < end <= 65536")
+    return start, end
+
+
+def passport(text: str) -> Optional[dict]:
+    text = text.strip()
+    if not text or text.lower() == "none":
+        return None
+    result = {}
+    for item in text.split(","):
+        name, sep, pattern = item.partition(":")
+        attribute = PASSPORT_ATTRIBUTES.get(name.strip().upper())
+        if not sep or attribute is None or not pattern.strip():
+            raise ValueError("expected ATTRIBUTE:VALUE pairs with attributes among O, OU, CN, C, L, ST, EMAIL")
+        result[attribute] = pattern.strip()
+    return result
+
+
+def network_list(text: str) -> tuple:
+    return tuple(ipaddress.ip_network(item, strict=False) for item in text.replace(",", " ").split())
+
+
+def accounting_list(text: str) -> tuple:
+    backends = tuple(item.strip().lower() for item in text.replace(",", " ").split())
+    unknown = [b for b in backends if b not in ACCOUNTING_BACKENDS]
+    if unknown:
+        raise ValueError("unknown backend %r (known: %s)" % (unknown[0], ", ".join(sorted(ACCOUNTING_BACKENDS))))
+    return backends
+
+
+def log_level(text: str) -> int:
+    try:
+        return LOG_LEVELS[text.strip().lower()]
+    except KeyError:
+        raise ValueError("expected one of %s" % ", ".join(LOG_LEVELS)) from None
+
+
+def text(value: str) -> str:
+    return value.strip()
+
+
+def option(parser, default):
+    """A dataclass field default that remembers how the option is parsed."""
+    from dataclasses import field
+    return field(default=default, metadata={"parser": parser})
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    socket_path: str = option(text, "dispatcher.sock")
+    listen: tuple = option(listen_address(25060), ("0.0.0.0", 25060))
+    listen_management: tuple = option(listen_address(25061), ("0.0.0.0", 25061))
+    management_use_tls: bool = option(boolean, True)
+    passport: Optional[dict] = option(passport, None)
+    management_passport: Optional[dict] = option(passport, None)
+    relay_timeout: float = option(positive_number, 5)
+    relay_recover_interval: float = option(positive_number, 60)
+    cleanup_dead_relays_after: float = option(positive_number, 43200)
+    cleanup_expired_sessions_after: float = option(positive_number, 86400)
+    accounting: tuple = option(accounting_list, ())
+    log_level: int = option(log_level, logging.INFO)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    dispatchers: tuple = option(host_list, ())
+    relay_ip: Optional[str] = option(ip_address, None)
+    advertised_ip: Optional[str] = option(ip_address, None)
+    port_range: tuple = option(port_range, (40000, 60000))
+    stream_timeout: float = option(positive_number, 90)
+    on_hold_timeout: float = option(positive_number, 7200)
+    traffic_sampling_period: float = option(positive_number, 15)
+    dns_check_interval: float = option(positive_number, 60)
+    keepalive_interval: float = option(positive_number, 10)
+    reconnect_delay: float = option(positive_number, 10)
+    passport: Optional[dict] = option(passport, None)
+    routable_private_ranges: tuple = option(network_list, ())
+    log_level: int = option(log_level, logging.INFO)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certs_path: str = option(text, "tls")
+    verify_interval: float = option(positive_number, 300)
+
+
+@dataclass(frozen=True)
+class OpenSIPSConfig:
+    socket_path: str = option(text, "/run/opensips/socket")
+    max_connections: int = option(positive_integer, 10)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    dburi: str = option(text, "")
+    sessions_table: str = option(text, "media_sessions")
+    callid_column: str = option(text, "call_id")
+    fromtag_column: str = option(text, "from_tag")
+    totag_column: str = option(text, "to_tag")
+    info_column: str = option(text, "info")
+
+
+@dataclass(frozen=True)
+class RadiusConfig:
+    config_file: str = option(text, "/etc/opensips/radius/client.conf")
+    additional_dictionary: str = option(text, "radius/dictionary")
+
+
+SECTIONS = {"Dispatcher": DispatcherConfig, "Relay": RelayConfig, "TLS": TLSConfig,
+            "OpenSIPS": OpenSIPSConfig, "Database": DatabaseConfig, "Radius": RadiusConfig}
+
+
+@dataclass(frozen=True)
+class Configuration:
+    config_dir: str
+    runtime_dir: str
+    dispatcher: DispatcherConfig
+    relay: RelayConfig
+    tls: TLSConfig
+    opensips: OpenSIPSConfig
+    database: DatabaseConfig
+    radius: RadiusConfig
+
+    def config_path(self, path: str) -> str:
+        return os.path.join(self.config_dir, os.path.expanduser(path))
+
+    def runtime_path(self, path: str) -> str:
+        return os.path.join(self.runtime_dir, os.path.expanduser(path))
+
+
+def _section(parser: configparser.ConfigParser, name: str, cls):
+    values = {}
+    known = {f.name: f for f in fields(cls)}
+    if parser.has_section(name):
+        for key, raw in parser.items(name):
+            f = known.get(key)
+            if f is None:
+                log.warning("config.ini: [%s] %s is not a known option and is ignored", name, key)
+                continue
+            try:
+                values[key] = f.metadata["parser"](raw)
+            except ValueError as e:
+                raise ConfigError("config.ini: [%s] %s = %r: %s" % (name, key, raw, e)) from None
+    return cls(**values)
+
+
+def parse_configuration(content: str, config_dir: str, runtime_dir: str) -> Configuration:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
+    try:
+        parser.read_string(content, source="config.ini")
+    except configparser.Error as e:
+        raise ConfigError("config.ini cannot be read: %s" % e) from None
+    sections = {name.lower(): _section(parser, name, cls) for name, cls in SECTIONS.items()}
+    return Configuration(config_dir=os.path.abspath(config_dir), runtime_dir=os.path.abspath(runtime_dir),
+                         **sections)
+
+
+def load_configuration(config_dir: str, runtime_dir: str) -> Configuration:
+    path = os.path.join(config_dir, "config.ini")
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except FileNotFoundError:
+        log.warning("%s does not exist: using the defaults", path)
+        content = ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("cannot read %s: %s" % (path, e)) from None
+    return parse_configuration(content, config_dir, runtime_dir)

@@ -1,0 +1,1 @@
+"""The media dispatcher: the proxy's side of MediaProxy."""

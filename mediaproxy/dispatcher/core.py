@@ -1,0 +1,226 @@
+"""The dispatcher: which relay holds which call, failover, and what the
+management interface reports.
+
+Requests arrive as framed values from the front ends and go to relays
+through RelayLink.send_command; answers come back as Deferreds. Requests of
+one call are handled one at a time, so a retransmitted first INVITE cannot
+land a call on two relays.
+"""
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+from twisted.internet import defer
+
+from mediaproxy import __version__
+from mediaproxy.dispatcher.relaylink import RelayError
+from mediaproxy.dispatcher.selection import PreferredThenRandom
+from mediaproxy.protocol.proxy import RemoveRequest, RequestError, UpdateRequest, parse_proxy_request
+
+log = logging.getLogger("mediaproxy.dispatcher")
+
+
+@dataclass
+class SessionRecord:
+    call_id: str
+    relay_ip: str
+    created: float
+    dialog_id: Optional[str] = None
+    from_tag: Optional[str] = None
+    to_tag: Optional[str] = None
+
+
+class Dispatcher:
+    def __init__(self, clock, policy=None, rng=None, accounting=()):
+        self.clock = clock
+        self.policy = policy or PreferredThenRandom()
+        self.rng = rng or random.Random()
+        self.accounting = list(accounting)
+        self.relays = {}            # relay ip -> RelayLink
+        self.sessions = {}          # call_id -> SessionRecord
+        self._call_locks = {}
+
+    # Relays coming and going.
+
+    def relay_connected(self, link) -> None:
+        old = self.relays.get(link.ip)
+        self.relays[link.ip] = link
+        if old is not None and old is not link:
+            log.info("relay %s reconnected: the old connection is closed", link.ip)
+            old.transport.abortConnection()
+        else:
+            log.info("relay %s connected", link.ip)
+        self._reconcile(link)
+
+    def relay_disconnected(self, link, reason: str) -> None:
+        if self.relays.get(link.ip) is link:
+            del self.relays[link.ip]
+            log.warning("relay %s disconnected: %s", link.ip, reason)
+
+    @defer.inlineCallbacks
+    def _reconcile(self, link):
+        """Forget the sessions this relay no longer has (it may have restarted)."""
+        try:
+            answer = yield link.send_command("sessions")
+            held = {session["call_id"] for session in json.loads(answer)}
+        except (RelayError, ValueError, TypeError, KeyError) as e:
+            log.warning("could not list the sessions of relay %s: %s", link.ip, e)
+            return
+        for call_id, record in list(self.sessions.items()):
+            if record.relay_ip == link.ip and call_id not in held:
+                del self.sessions[call_id]
+                log.warning("session %s is gone from relay %s", call_id, link.ip)
+
+    def available_relays(self) -> list:
+        return [relay for relay in self.relays.values() if relay.active and not relay.halting]
+
+    # The proxy module.
+
+    def proxy_request(self, request) -> defer.Deferred:
+        try:
+            parsed = parse_proxy_request(request)
+        except RequestError as e:
+            log.warning("refused %s request: %s (call_id %s)", request.command[:20], e,
+                        request.headers.get("call_id", "-"))
+            return defer.succeed("error")
+        lock = self._call_locks.setdefault(parsed.call_id, defer.DeferredLock())
+        if isinstance(parsed, UpdateRequest):
+            deferred = lock.run(self._update, parsed, request.headers)
+        else:
+            deferred = lock.run(self._remove, parsed, request.headers)
+
+        def release(result):
+            if not lock.locked and not lock.waiting:
+                self._call_locks.pop(parsed.call_id, None)
+            return result
+        return deferred.addBoth(release)
+
+    @defer.inlineCallbacks
+    def _update(self, update: UpdateRequest, headers):
+        record = self.sessions.get(update.call_id)
+        if record is not None:
+            relay = self.relays.get(record.relay_ip)
+            if relay is None:
+                log.error("session %s: its relay %s is not connected", update.call_id, record.relay_ip)
+                return "error"
+            try:
+                result = yield relay.send_command("update", headers)
+            except RelayError as e:
+                log.error("session %s: %s", update.call_id, e)
+                return "error"
+            if update.dialog_id and not record.dialog_id:
+                record.dialog_id = update.dialog_id
+            return "error" if result == "halting" else result
+        for relay in self.policy.order(self.available_relays(), update.media_relay, self.rng):
+            try:
+                result = yield relay.send_command("update", headers)
+            except RelayError as e:
+                log.warning("session %s: %s, trying the next relay", update.call_id, e)
+                continue
+            if result == "halting":
+                log.info("relay %s is shutting down: no new sessions there", relay.ip)
+                relay.halting = True
+                continue
+            if result == "error":
+                log.warning("session %s: relay %s answered error, trying the next relay", update.call_id, relay.ip)
+                continue
+            self.sessions[update.call_id] = SessionRecord(update.call_id, relay.ip, self.clock.seconds(),
+                                                          update.dialog_id, update.from_tag, update.to_tag)
+            log.info("session %s on relay %s", update.call_id, relay.ip)
+            return result
+        log.error("session %s: no relay could take it (%d connected)", update.call_id, len(self.relays))
+        return "error"
+
+    @defer.inlineCallbacks
+    def _remove(self, remove: RemoveRequest, headers):
+        record = self.sessions.pop(remove.call_id, None)
+        if record is None:
+            log.warning("remove of unknown session %s", remove.call_id)
+            return "error"
+        relay = self.relays.get(record.relay_ip)
+        if relay is None:
+            log.error("session %s: its relay %s is not connected", remove.call_id, record.relay_ip)
+            return "error"
+        try:
+            result = yield relay.send_command("remove", headers)
+            statistics = json.loads(result)
+        except RelayError as e:
+            log.error("session %s: remove failed: %s", remove.call_id, e)
+            return "error"
+        except ValueError:
+            log.error("session %s: relay %s answered remove with %r", remove.call_id, relay.ip, result[:80])
+            return "error"
+        self.session_ended(record, statistics, timed_out=False)
+        return "removed"
+
+    def session_expired(self, link, statistics: dict) -> None:
+        call_id = statistics["call_id"]
+        record = self.sessions.get(call_id)
+        if record is not None and record.relay_ip == link.ip:
+            del self.sessions[call_id]
+        else:
+            record = SessionRecord(call_id, link.ip, self.clock.seconds())
+        log.info("session %s expired on relay %s", call_id, link.ip)
+        self.session_ended(record, statistics, timed_out=True)
+
+    def session_ended(self, record: SessionRecord, statistics: dict, timed_out: bool) -> None:
+        streams = statistics.get("streams") or []
+        all_ice = bool(streams) and all(s.get("status") == "unselected ICE candidate" for s in streams)
+        statistics["dialog_id"] = record.dialog_id or statistics.get("dialog_id")
+        statistics["timed_out"] = timed_out and not all_ice
+        statistics["all_streams_ice"] = all_ice
+        if statistics.get("start_time") is None:
+            return                                  # never answered: nothing to account
+        for backend in self.accounting:
+            try:
+                backend.save(statistics)
+            except Exception:
+                log.exception("accounting of session %s failed", record.call_id)
+
+    # The management interface.
+
+    def management_command(self, command: str) -> defer.Deferred:
+        if command == "sessions":
+            return self._all_sessions()
+        if command == "summary":
+            return self._summary()
+        if command == "version":
+            return defer.succeed([__version__])
+        return defer.succeed(["error"])
+
+    def _ask_all_relays(self, command):
+        relays = list(self.relays.values())
+        deferreds = [relay.send_command(command) for relay in relays]
+        return defer.DeferredList(deferreds, consumeErrors=True).addCallback(
+            lambda results: list(zip(relays, results)))
+
+    @defer.inlineCallbacks
+    def _all_sessions(self):
+        lines = []
+        for relay, (ok, answer) in (yield self._ask_all_relays("sessions")):
+            try:
+                sessions = json.loads(answer) if ok else None
+            except ValueError:
+                sessions = None
+            if not isinstance(sessions, list):
+                log.warning("relay %s did not list its sessions", relay.ip)
+                continue
+            lines.extend(json.dumps(session) for session in sessions)
+        return lines
+
+    @defer.inlineCallbacks
+    def _summary(self):
+        lines = []
+        for relay, (ok, answer) in (yield self._ask_all_relays("summary")):
+            try:
+                summary = json.loads(answer) if ok else None
+            except ValueError:
+                summary = None
+            if not isinstance(summary, dict):
+                summary = {"ip": relay.ip, "status": "error"}
+            summary["ip"] = relay.ip
+            lines.append(json.dumps(summary))
+        return lines

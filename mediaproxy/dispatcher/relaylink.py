@@ -1,0 +1,150 @@
+"""The dispatcher's end of a relay connection: commands out, replies matched by SEQ.
+
+Keeps the pending commands by sequence number with their timeouts, the way
+twisted.names keeps DNS queries by id. A command unanswered within
+relay_timeout fails with RelayTimeout and marks the relay inactive; a relay
+silent for relay_recover_interval after that is disconnected.
+"""
+
+import logging
+
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+
+from mediaproxy.peer import VerifiedPeerProtocol
+from mediaproxy.protocol.framing import FramingError, LineSplitter, encode_line
+from mediaproxy.protocol.relaylink import PONG, Expired, LinkError, Ping, Reply, encode_command, parse_relay_line
+
+log = logging.getLogger("mediaproxy.dispatcher")
+
+MAX_RELAY_LINE = 16 * 1024 * 1024    # a `sessions` answer of a busy relay is one long line
+
+
+class RelayError(Exception):
+    """A relay could not carry out a command."""
+
+
+class RelayTimeout(RelayError):
+    pass
+
+
+class RelayGone(RelayError):
+    pass
+
+
+class RelayLink(VerifiedPeerProtocol):
+    peer_kind = "relay"
+
+    def __init__(self, dispatcher, timeout: float, recover_interval: float):
+        self.dispatcher = dispatcher
+        self.timeout = timeout
+        self.recover_interval = recover_interval
+        self.splitter = LineSplitter(MAX_RELAY_LINE)
+        self.pending = {}
+        self.seq = 0
+        self.active = True
+        self.halting = False
+        self.connected_link = False
+        self._recover_call = None
+
+    @property
+    def ip(self) -> str:
+        return self.peer_ip
+
+    def peer_verified(self):
+        self.connected_link = True
+        self.dispatcher.relay_connected(self)
+
+    def dataReceived(self, data):
+        for line in self.splitter.feed(data):
+            if isinstance(line, FramingError):
+                log.warning("relay %s sent a bad line: %s", self.ip, line)
+                continue
+            if not line:
+                continue
+            self._relay_alive()
+            try:
+                message = parse_relay_line(line)
+            except LinkError as e:
+                log.warning("relay %s: %s", self.ip, e)
+                continue
+            if isinstance(message, Ping):
+                self.transport.write(encode_line(PONG))
+            elif isinstance(message, Reply):
+                self._reply(message)
+            elif isinstance(message, Expired):
+                self.dispatcher.session_expired(self, message.statistics)
+
+    def _reply(self, reply: Reply):
+        entry = self.pending.pop(reply.seq, None)
+        if entry is None:
+            log.warning("relay %s answered unknown or timed out command %d", self.ip, reply.seq)
+            return
+        deferred, timer = entry
+        timer.cancel()
+        deferred.callback(reply.result)
+
+    def send_command(self, name: str, headers=None) -> defer.Deferred:
+        if not self.connected_link:
+            return defer.fail(RelayGone("relay %s is not connected" % self.ip))
+        self.seq += 1
+        seq = self.seq
+        deferred = defer.Deferred()
+        timer = self.clock.callLater(self.timeout, self._timed_out, seq)
+        self.pending[seq] = (deferred, timer)
+        self.transport.write(encode_command(name, seq, headers or {}))
+        return deferred
+
+    def _timed_out(self, seq):
+        deferred, _ = self.pending.pop(seq)
+        if self.active:
+            log.warning("relay %s did not answer within %s s: marked inactive", self.ip, self.timeout)
+            self.active = False
+            self._recover_call = self.clock.callLater(self.recover_interval, self._give_up)
+        deferred.errback(RelayTimeout("relay %s did not answer" % self.ip))
+
+    def _relay_alive(self):
+        if not self.active:
+            log.info("relay %s is answering again: active", self.ip)
+            self.active = True
+            self._cancel_recover()
+
+    def _give_up(self):
+        self._recover_call = None
+        log.warning("relay %s silent for %s s: disconnected", self.ip, self.recover_interval)
+        self.transport.abortConnection()
+
+    def _cancel_recover(self):
+        if self._recover_call is not None and self._recover_call.active():
+            self._recover_call.cancel()
+        self._recover_call = None
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self._cancel_recover()
+        was_connected, self.connected_link = self.connected_link, False
+        pending, self.pending = self.pending, {}
+        for deferred, timer in pending.values():
+            timer.cancel()
+            deferred.errback(RelayGone("relay %s disconnected" % self.ip))
+        if was_connected:
+            self.dispatcher.relay_disconnected(self, reason.getErrorMessage())
+
+
+class RelayLinkFactory(ServerFactory):
+    def __init__(self, dispatcher, config, credentials, clock):
+        self.dispatcher = dispatcher
+        self.config = config
+        self.credentials = credentials
+        self.clock = clock
+
+    def buildProtocol(self, addr):
+        link = RelayLink(self.dispatcher, self.config.relay_timeout, self.config.relay_recover_interval)
+        link.factory = self
+        link.credentials = self.credentials
+        link.passport = self.config.passport
+        link.verify_interval = self.verify_interval
+        link.clock = self.clock
+        return link
+
+    verify_interval = 300

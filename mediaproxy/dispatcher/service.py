@@ -1,0 +1,86 @@
+"""The media-dispatcher service tree: proxy socket, relay port, management port."""
+
+import errno
+import logging
+import os
+import socket
+
+from twisted.application import internet, service
+
+from mediaproxy.dispatcher.core import Dispatcher
+from mediaproxy.dispatcher.frontends import ManagementFactory, ProxyFactory
+from mediaproxy.dispatcher.relaylink import RelayLinkFactory
+from mediaproxy.tls import ContextFactory, Credentials
+
+log = logging.getLogger("mediaproxy.dispatcher")
+
+
+class StartupError(Exception):
+    """The dispatcher cannot start (socket in use, bad certificates...)."""
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a UNIX socket left by a dead dispatcher; refuse if one is alive there."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            return
+        raise StartupError("cannot use %s: %s" % (path, e.strerror)) from None
+    else:
+        raise StartupError("another dispatcher is listening on %s" % path)
+    finally:
+        probe.close()
+
+
+class DispatcherService(service.MultiService):
+    def __init__(self, configuration, reactor):
+        super().__init__()
+        self.configuration = configuration
+        self.reactor = reactor
+        config = configuration.dispatcher
+        certs_path = configuration.config_path(configuration.tls.certs_path)
+        self.credentials = Credentials(certs_path, "dispatcher")
+        self.dispatcher = Dispatcher(reactor)
+        self.socket_path = configuration.runtime_path(config.socket_path)
+
+        relays = RelayLinkFactory(self.dispatcher, config, self.credentials, reactor)
+        relays.verify_interval = configuration.tls.verify_interval
+        host, port = config.listen
+        internet.SSLServer(port, relays, ContextFactory(self.credentials), interface=host,
+                           reactor=reactor).setServiceParent(self)
+
+        host, port = config.listen_management
+        if config.management_use_tls:
+            management = ManagementFactory(self.dispatcher, self.credentials, config.management_passport,
+                                           configuration.tls.verify_interval, reactor)
+            internet.SSLServer(port, management, ContextFactory(self.credentials), interface=host,
+                               reactor=reactor).setServiceParent(self)
+        else:
+            management = ManagementFactory(self.dispatcher)
+            internet.TCPServer(port, management, interface=host, reactor=reactor).setServiceParent(self)
+        self.management_address = (host, port)
+
+    def startService(self):
+        os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
+        remove_stale_socket(self.socket_path)
+        self._proxy_port = self.reactor.listenUNIX(self.socket_path, ProxyFactory(self.dispatcher), mode=0o660)
+        super().startService()
+        config = self.configuration.dispatcher
+        log.info("listening for the proxy on %s, relays on %s:%d, management on %s:%d (%s)",
+                 self.socket_path, *config.listen, *config.listen_management,
+                 "TLS" if config.management_use_tls else "plain TCP")
+
+    def stopService(self):
+        deferred = super().stopService()
+        if getattr(self, "_proxy_port", None) is not None:
+            self._proxy_port.stopListening()
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+        return deferred

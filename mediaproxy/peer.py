@@ -1,0 +1,80 @@
+"""Checks on the certificate of a TLS peer, for the Twisted protocols of both daemons.
+
+After the handshake the peer's subject is checked against the passport; every
+verify_interval the certificate is checked again for expiry and revocation.
+"""
+
+import logging
+
+from zope.interface import implementer
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol
+
+from mediaproxy.tls import Credentials, passport_mismatch, subject_text
+
+log = logging.getLogger("mediaproxy.tls")
+
+
+@implementer(IHandshakeListener)
+class VerifiedPeerProtocol(Protocol):
+    """Base of protocols on mutually authenticated TLS connections.
+
+    Subclasses set `peer_kind` (for logs) and implement `peer_verified()`;
+    `credentials`, `passport`, `verify_interval` and `clock` come from the factory.
+    """
+
+    peer_kind = "peer"
+    credentials: Credentials = None
+    passport = None
+    verify_interval = 300
+    clock = None
+    verified = False
+    _verify_call = None
+
+    @property
+    def peer_ip(self) -> str:
+        return self.transport.getPeer().host
+
+    def handshakeCompleted(self):
+        cert = self.transport.getPeerCertificate()
+        mismatch = passport_mismatch(cert, self.passport) if cert is not None else "no certificate"
+        if mismatch:
+            log.warning("refused %s %s (%s): passport mismatch: %s", self.peer_kind, self.peer_ip,
+                        subject_text(cert) if cert is not None else "-", mismatch)
+            self.transport.abortConnection()
+            return
+        self.verified = True
+        self.peer_certificate = cert
+        self._schedule_verification()
+        self.peer_verified()
+
+    def peer_verified(self):
+        """The handshake completed and the peer is who the passport says."""
+
+    def _schedule_verification(self):
+        if self.credentials is not None and self.clock is not None:
+            self._verify_call = self.clock.callLater(self.verify_interval, self._verify_again)
+
+    def _verify_again(self):
+        self._verify_call = None
+        problem = self.credentials.problem_with(self.peer_certificate)
+        if problem:
+            log.warning("dropped %s %s (%s): %s", self.peer_kind, self.peer_ip,
+                        subject_text(self.peer_certificate), problem)
+            self.transport.abortConnection()
+        else:
+            self._schedule_verification()
+
+    def connectionLost(self, reason):
+        if self._verify_call is not None and self._verify_call.active():
+            self._verify_call.cancel()
+        self._verify_call = None
+        if not self.verified:
+            log.warning("TLS connection from %s %s failed before it was verified: %s",
+                        self.peer_kind, self._peer_or_unknown(), reason.getErrorMessage())
+
+    def _peer_or_unknown(self):
+        try:
+            return self.transport.getPeer().host
+        except Exception:
+            return "(unknown)"

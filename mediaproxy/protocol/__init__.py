@@ -1,0 +1,1 @@
+"""Wire codecs of the control protocols. Pure: bytes and values in, values out."""

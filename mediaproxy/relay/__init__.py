@@ -1,0 +1,1 @@
+"""The media relay: sessions, ports and forwarding."""

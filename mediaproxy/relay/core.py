@@ -1,0 +1,156 @@
+"""The relay's session table and command handling (sans-IO).
+
+Takes the dispatcher's commands as values with the current time and answers
+with the reply text; opens and closes port pairs through the injected
+Forwarding. Nothing here knows about Twisted or sockets.
+"""
+
+import json
+import logging
+
+from mediaproxy import __version__
+from mediaproxy.protocol.proxy import RequestError, parse_remove, parse_update
+from mediaproxy.relay.forwarding import Forwarding, PortUnavailable
+from mediaproxy.relay.ports import PortPool, PortsExhausted
+from mediaproxy.relay.session import Session
+from mediaproxy.relay.statistics import relay_summary, session_statistics
+from mediaproxy.relay.streams import CALLEE, CALLER, MediaStream, RTCP, RTP
+
+log = logging.getLogger("mediaproxy.relay")
+
+MAX_BIND_ATTEMPTS = 64
+
+
+class RelayCore:
+    def __init__(self, advertised_ip: str, ports: PortPool, forwarding: Forwarding, now: float,
+                 routable=lambda ip: True, version: str = __version__):
+        self.advertised_ip = advertised_ip
+        self.ports = ports
+        self.forwarding = forwarding
+        self.routable = routable
+        self.version = version
+        self.started = now
+        self.sessions = {}
+        self.halting = False
+        self.bps_relayed = 0
+        self._closed_bytes = 0
+        self._sampled_bytes = 0
+        self._sampled_at = now
+
+    # Commands from the dispatcher.
+
+    def handle(self, command: str, headers, now: float) -> str:
+        if command == "update":
+            return self.update(headers, now)
+        if command == "remove":
+            return self.remove(headers, now)
+        if command == "summary":
+            return json.dumps(self.summary(now))
+        if command == "sessions":
+            return json.dumps([session_statistics(s, self.advertised_ip, now) for s in self.sessions.values()])
+        return "error"
+
+    def update(self, headers, now: float) -> str:
+        try:
+            request = parse_update(headers)
+        except RequestError as e:
+            log.warning("update refused: %s (call_id %s)", e, headers.get("call_id"))
+            return "error"
+        session = self.sessions.get(request.call_id)
+        is_new = session is None
+        if is_new:
+            if request.media is None:
+                return self.advertised_ip
+            if self.halting:
+                log.info("refused new session %s: shutting down", request.call_id)
+                return "halting"
+            session = Session(request.call_id, request.from_tag, now)
+        try:
+            ports = session.update(request, self, now)
+        except PortsExhausted as e:
+            log.error("no ports for session %s: %s", request.call_id, e)
+            if is_new:
+                session.close(self, now)
+            return "error"
+        if is_new:
+            self.sessions[request.call_id] = session
+            log.info("session %s created (%s)", request.call_id,
+                     ", ".join(stream.media_type for stream in session.active_streams) or "no streams")
+        return " ".join([self.advertised_ip] + [str(port) for port in ports])
+
+    def remove(self, headers, now: float) -> str:
+        try:
+            request = parse_remove(headers)
+        except RequestError as e:
+            log.warning("remove refused: %s", e)
+            return "error"
+        session = self.sessions.pop(request.call_id, None)
+        if session is None:
+            log.warning("remove of unknown session %s", request.call_id)
+            return "error"
+        session.close(self, now)
+        log.info("session %s removed", request.call_id)
+        return json.dumps(session_statistics(session, self.advertised_ip, now))
+
+    def summary(self, now: float) -> dict:
+        return relay_summary(self, now)
+
+    def close_all(self, now: float) -> None:
+        for session in self.sessions.values():
+            session.close(self, now)
+        self.sessions.clear()
+
+    # Traffic figures.
+
+    def sample_traffic(self, now: float) -> int:
+        """Bits per second relayed since the previous sample."""
+        total = self._closed_bytes + sum(self._stream_bytes(stream)
+                                         for session in self.sessions.values()
+                                         for stream in session.active_streams)
+        elapsed = now - self._sampled_at
+        if elapsed > 0:
+            self.bps_relayed = int(max(total - self._sampled_bytes, 0) * 8 / elapsed)
+        self._sampled_bytes, self._sampled_at = total, now
+        return self.bps_relayed
+
+    @staticmethod
+    def _stream_bytes(stream: MediaStream) -> int:
+        return sum(leg.bytes[RTP] + leg.bytes[RTCP] for leg in stream.legs.values())
+
+    # StreamAllocator, used by Session.
+
+    def open_stream(self, media_type: str, now: float) -> MediaStream:
+        stream = MediaStream(media_type, 0, 0, now, self.routable)
+        bound = []
+        try:
+            for party in (CALLER, CALLEE):
+                stream.leg(party).port = self._bind(stream, party)
+                bound.append(stream.leg(party).port)
+        except PortsExhausted:
+            for port in bound:
+                self.forwarding.close(port)
+                self.ports.release(port)
+            raise
+        return stream
+
+    def _bind(self, stream: MediaStream, party: str) -> int:
+        receiver = lambda component, source, data, now: stream.on_packet(party, component, source, data, now)
+        for _ in range(MAX_BIND_ATTEMPTS):
+            port = self.ports.allocate()
+            try:
+                self.forwarding.open(port, receiver)
+            except PortUnavailable:
+                log.warning("port pair %d/%d is in use by another program: set aside", port, port + 1)
+                self.ports.set_aside(port)
+                continue
+            return port
+        raise PortsExhausted("%d port pairs in a row could not be bound" % MAX_BIND_ATTEMPTS)
+
+    def close_stream(self, stream: MediaStream, status: str, now: float) -> None:
+        if stream.ended:
+            return
+        stream.end(status, now)
+        self._closed_bytes += self._stream_bytes(stream)
+        for leg in stream.legs.values():
+            self.forwarding.close(leg.port)
+            self.ports.release(leg.port)

@@ -1,0 +1,194 @@
+"""The relay's links to its dispatchers: TLS client connections, kept up.
+
+Each configured dispatcher (IP, hostname, or a domain whose _sip._udp SRV
+records name the proxies) resolves to a set of addresses, looked up again
+every dns_check_interval. Every address gets a ClientService that reconnects
+after reconnect_delay. On a link the relay answers the dispatcher's commands
+and pings it every keepalive_interval; three unanswered pings drop the link.
+"""
+
+import ipaddress
+import logging
+
+from twisted.application import internet, service
+from twisted.internet import defer, endpoints
+from twisted.internet.protocol import Factory
+from twisted.names import client, dns
+from twisted.names.error import DNSNameError, DNSServerError
+
+from mediaproxy.peer import VerifiedPeerProtocol
+from mediaproxy.protocol.framing import FramingError, Line, RequestReader, encode_line
+from mediaproxy.protocol.relaylink import PING, PONG, LinkError, encode_expired, encode_reply, parse_command
+
+log = logging.getLogger("mediaproxy.relay")
+
+DISPATCHER_PORT = 25060
+MAX_UNANSWERED_PINGS = 3
+
+
+class DispatcherLink(VerifiedPeerProtocol):
+    peer_kind = "dispatcher"
+
+    def __init__(self, relay, keepalive_interval: float):
+        self.relay = relay
+        self.keepalive_interval = keepalive_interval
+        self.reader = RequestReader(single_lines=[PONG])
+        self.unanswered_pings = 0
+        self._ping_call = None
+
+    def peer_verified(self):
+        log.info("connected to dispatcher %s", self.peer_ip)
+        self._ping_call = self.clock.callLater(self.keepalive_interval, self._ping)
+        self.relay.dispatcher_connected(self)
+
+    def _ping(self):
+        if self.unanswered_pings >= MAX_UNANSWERED_PINGS:
+            log.warning("dispatcher %s did not answer %d pings: reconnecting", self.peer_ip, self.unanswered_pings)
+            self._ping_call = None
+            self.transport.abortConnection()
+            return
+        self.unanswered_pings += 1
+        self.transport.write(encode_line(PING))
+        self._ping_call = self.clock.callLater(self.keepalive_interval, self._ping)
+
+    def dataReceived(self, data):
+        if not self.verified:
+            return
+        for event in self.reader.feed(data):
+            if isinstance(event, Line):
+                self.unanswered_pings = 0
+            elif isinstance(event, FramingError):
+                log.warning("dispatcher %s sent a bad request: %s", self.peer_ip, event)
+            else:
+                self.unanswered_pings = 0
+                try:
+                    command = parse_command(event)
+                except LinkError as e:
+                    log.warning("dispatcher %s: %s", self.peer_ip, e)
+                    continue
+                result = self.relay.handle_command(self, command)
+                self.transport.write(encode_reply(command.seq, result))
+
+    def send_expired(self, statistics: dict) -> None:
+        self.transport.write(encode_expired(statistics))
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
+        self._ping_call = None
+        if self.verified:
+            log.warning("lost dispatcher %s: %s", self.peer_ip, reason.getErrorMessage())
+            self.relay.dispatcher_disconnected(self)
+
+
+class DispatcherLinkFactory(Factory):
+    def __init__(self, relay, credentials, passport, verify_interval, keepalive_interval, clock):
+        self.relay = relay
+        self.credentials = credentials
+        self.passport = passport
+        self.verify_interval = verify_interval
+        self.keepalive_interval = keepalive_interval
+        self.clock = clock
+
+    def buildProtocol(self, addr):
+        link = DispatcherLink(self.relay, self.keepalive_interval)
+        link.factory = self
+        link.credentials = self.credentials
+        link.passport = self.passport
+        link.verify_interval = self.verify_interval
+        link.clock = self.clock
+        return link
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@defer.inlineCallbacks
+def resolve_dispatcher(host: str, port, resolver):
+    """The (ip, port) addresses of one configured dispatcher entry."""
+    if _is_ip(host):
+        return {(host, port or DISPATCHER_PORT)}
+    targets = [(host, port or DISPATCHER_PORT)]
+    if port is None:
+        try:
+            answers, _, _ = yield resolver.lookupService("_sip._udp." + host)
+            srv = [a.payload for a in answers if a.type == dns.SRV]
+            if srv:
+                targets = [(str(record.target), DISPATCHER_PORT) for record in srv]
+        except (DNSNameError, DNSServerError, defer.TimeoutError, OSError):
+            pass
+        except Exception as e:
+            log.debug("SRV lookup of %s failed: %s", host, e)
+    addresses = set()
+    for name, target_port in targets:
+        if _is_ip(name):
+            addresses.add((name, target_port))
+            continue
+        try:
+            ip = yield resolver.getHostByName(name)
+            addresses.add((ip, target_port))
+        except Exception as e:
+            log.warning("cannot resolve dispatcher %s: %s", name, e)
+    return addresses
+
+
+class DispatcherPool(service.MultiService):
+    """Keeps one ClientService per dispatcher address, following DNS."""
+
+    def __init__(self, entries, factory, context_factory, bind_ip, reactor, reconnect_delay, dns_check_interval):
+        super().__init__()
+        self.entries = entries
+        self.factory = factory
+        self.context_factory = context_factory
+        self.bind_ip = bind_ip
+        self.reactor = reactor
+        self.reconnect_delay = reconnect_delay
+        self.dns_check_interval = dns_check_interval
+        self.connections = {}         # (ip, port) -> ClientService
+        self._resolver = None
+        self._refresh_call = None
+
+    def startService(self):
+        super().startService()
+        self._refresh()
+
+    @defer.inlineCallbacks
+    def _refresh(self):
+        self._refresh_call = None
+        if self._resolver is None and not all(_is_ip(host) for host, _ in self.entries):
+            self._resolver = client.createResolver(reactor=self.reactor)
+        wanted = set()
+        for host, port in self.entries:
+            wanted |= yield resolve_dispatcher(host, port, self._resolver)
+        if not self.running:
+            return
+        for address in set(self.connections) - wanted:
+            log.info("dispatcher %s:%d is no longer in DNS: disconnecting", *address)
+            connection = self.connections.pop(address)
+            connection.disownServiceParent()
+        for address in wanted - set(self.connections):
+            self._connect(address)
+        self._refresh_call = self.reactor.callLater(self.dns_check_interval, self._refresh)
+
+    def _connect(self, address):
+        host, port = address
+        bind = (self.bind_ip, 0) if self.bind_ip else None
+        endpoint = endpoints.SSL4ClientEndpoint(self.reactor, host, port, self.context_factory,
+                                                timeout=10, bindAddress=bind)
+        delay = self.reconnect_delay
+        connection = internet.ClientService(endpoint, self.factory, retryPolicy=lambda attempt: delay,
+                                            clock=self.reactor)
+        connection.setServiceParent(self)
+        self.connections[address] = connection
+        log.info("connecting to dispatcher %s:%d", host, port)
+
+    def stopService(self):
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        return super().stopService()

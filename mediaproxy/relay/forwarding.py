@@ -1,0 +1,52 @@
+"""The forwarding interface: how streams get their sockets and packets.
+
+The relay core asks a Forwarding to open a port pair (RTP on the even port,
+RTCP on the next) and hands it a receiver, the stream's packet path:
+`receiver(component, source, data, now)` returns where to send the packet,
+as (out_port, destination), or None to drop it. Implementations: user space
+(Twisted UDP, `userspace.py`), the kernel (conntrack, later) and the
+in-memory one below for tests.
+"""
+
+from typing import Callable, Optional, Protocol, Tuple
+
+Address = Tuple[str, int]
+Receiver = Callable[[int, Address, bytes, float], Optional[Tuple[int, Address]]]
+
+
+class PortUnavailable(Exception):
+    """The port pair could not be bound (someone else holds one of its ports)."""
+
+
+class Forwarding(Protocol):
+    def open(self, port: int, receiver: Receiver) -> None:
+        """Bind the pair port/port+1 and deliver its packets to receiver; raises PortUnavailable."""
+
+    def close(self, port: int) -> None:
+        """Release the pair; unknown ports are ignored."""
+
+
+class MemoryForwarding:
+    """Forwarding without sockets, for tests: `deliver` plays a packet, `sent` records the output."""
+
+    def __init__(self, unavailable=()):
+        self.receivers = {}
+        self.sent = []
+        self.unavailable = set(unavailable)
+
+    def open(self, port: int, receiver: Receiver) -> None:
+        if port in self.unavailable or port in self.receivers:
+            raise PortUnavailable(port)
+        self.receivers[port] = receiver
+
+    def close(self, port: int) -> None:
+        self.receivers.pop(port, None)
+
+    def deliver(self, local_port: int, source: Address, data: bytes, now: float = 0.0):
+        """A packet arrives on local_port (even: RTP, odd: RTCP); returns what was sent or None."""
+        pair, component = local_port & ~1, local_port & 1
+        result = self.receivers[pair](component, source, data, now)
+        if result is not None:
+            out_port, destination = result
+            self.sent.append((out_port, destination, data))
+        return result

@@ -1,0 +1,110 @@
+"""The media-relay service tree: the relay core, its forwarding and its dispatcher links."""
+
+import ipaddress
+import logging
+import socket
+
+from twisted.application import internet, service
+
+from mediaproxy.relay.core import RelayCore
+from mediaproxy.relay.dispatchers import DispatcherLinkFactory, DispatcherPool
+from mediaproxy.relay.ports import PortPool
+from mediaproxy.relay.userspace import UserspaceForwarding
+from mediaproxy.tls import ContextFactory, Credentials
+
+log = logging.getLogger("mediaproxy.relay")
+
+
+class StartupError(Exception):
+    pass
+
+
+def default_route_ip() -> str:
+    """The local address of the default route: a UDP connect only looks the route up, it sends nothing."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))
+        return probe.getsockname()[0]
+    except OSError:
+        raise StartupError("there is no default route to take the relay's address from: "
+                           "set [Relay] relay_ip") from None
+    finally:
+        probe.close()
+
+
+def routable_predicate(private_ranges):
+    def routable(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return address.is_global or any(address in network for network in private_ranges)
+    return routable
+
+
+class RelayService(service.MultiService):
+    def __init__(self, configuration, reactor):
+        super().__init__()
+        config = configuration.relay
+        self.reactor = reactor
+        self.configuration = configuration
+        if not config.dispatchers:
+            raise StartupError("no dispatchers to connect to: set [Relay] dispatchers")
+        self.relay_ip = config.relay_ip or default_route_ip()
+        advertised_ip = config.advertised_ip or self.relay_ip
+        self.forwarding = UserspaceForwarding(self.relay_ip, reactor)
+        self.core = RelayCore(advertised_ip, PortPool(*config.port_range), self.forwarding, reactor.seconds(),
+                              routable_predicate(config.routable_private_ranges))
+        self.links = set()
+        self.credentials = Credentials(configuration.config_path(configuration.tls.certs_path), "relay")
+        factory = DispatcherLinkFactory(self, self.credentials, config.passport, configuration.tls.verify_interval,
+                                        config.keepalive_interval, reactor)
+        self.pool = DispatcherPool(config.dispatchers, factory, ContextFactory(self.credentials),
+                                   config.relay_ip, reactor, config.reconnect_delay, config.dns_check_interval)
+        self.pool.setServiceParent(self)
+        sampler = internet.TimerService(config.traffic_sampling_period, self._sample_traffic)
+        sampler.clock = reactor
+        sampler.setServiceParent(self)
+
+    def startService(self):
+        super().startService()
+        low, high = self.configuration.relay.port_range
+        log.info("relaying media on %s (announced as %s), ports %d-%d", self.relay_ip,
+                 self.core.advertised_ip, low, high - 1)
+
+    def _sample_traffic(self):
+        self.core.sample_traffic(self.reactor.seconds())
+
+    # Dispatcher links.
+
+    def dispatcher_connected(self, link):
+        self.links.add(link)
+
+    def dispatcher_disconnected(self, link):
+        self.links.discard(link)
+
+    def handle_command(self, link, command) -> str:
+        result = self.core.handle(command.name, command.headers, self.reactor.seconds())
+        if self.core.halting and not self.core.sessions:
+            log.info("the last session has ended: stopping")
+            self.reactor.callLater(0, self._stop_reactor)
+        return result
+
+    # Shutdown.
+
+    def graceful_shutdown(self):
+        """SIGHUP: refuse new sessions, exit when the last one ends."""
+        if self.core.halting:
+            return
+        self.core.halting = True
+        count = len(self.core.sessions)
+        if count == 0:
+            log.info("graceful shutdown: no sessions, stopping")
+            self.reactor.callLater(0, self._stop_reactor)
+        else:
+            log.info("graceful shutdown: refusing new sessions, waiting for %d to end", count)
+
+    def _stop_reactor(self):
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self):
+        self.core.close_all(self.reactor.seconds())
+        return super().stopService()

@@ -1,0 +1,156 @@
+"""A call's media session and its SDP offer/answer logic (sans-IO).
+
+Rules kept here (everything that changes a session's streams lives here):
+
+- The caller is the party whose tag was in From on the session's first
+  message. A request is sent by the From party, a reply by the To party.
+- An offer/answer exchange belongs to one transaction: (requester, CSeq).
+  A newer CSeq from a party starts a new transaction; an older one is stale
+  and changes nothing. Within a transaction the first SDP is the offer (in
+  the request, or in the reply for a late offer) and SDP from the other party
+  is the answer. Repeated SDP (retransmissions, 183 then 200) applies again
+  and changes nothing more.
+- An offer's streams are matched to the current ones by position and type,
+  else by type and the offerer's address; unmatched current streams close,
+  unmatched offered streams are opened. Port 0 disables a stream.
+- An answer with fewer streams, or port 0, rejects those streams.
+- A changed address or port in the SDP resets that party's latch.
+"""
+
+from typing import Optional, Protocol
+
+from mediaproxy.protocol.proxy import UpdateRequest
+from mediaproxy.relay.streams import CALLEE, CALLER, MediaStream, other_party
+
+
+class StreamAllocator(Protocol):
+    def open_stream(self, media_type: str, now: float) -> MediaStream: ...
+    def close_stream(self, stream: MediaStream, status: str, now: float) -> None: ...
+
+
+class Session:
+    def __init__(self, call_id: str, from_tag: str, now: float):
+        self.call_id = call_id
+        self.from_tag = from_tag
+        self.to_tag = None
+        self.from_uri = None
+        self.to_uri = None
+        self.caller_ua = None
+        self.callee_ua = None
+        self.username = None
+        self.dialog_id = None
+        self.created = now
+        self.start_time = None            # when the first answer arrived
+        self.end_time = None
+        self.streams = []                 # the current m-lines: MediaStream, or None when disabled
+        self.all_streams = []             # every stream the session had, in order of creation
+        self._transaction = None          # (requester party, cseq) of the current exchange
+        self._offerer = None              # who made the offer in that exchange
+        self._last_cseq = {CALLER: -1, CALLEE: -1}
+
+    def sender(self, request: UpdateRequest) -> str:
+        caller_is_from = request.from_tag == self.from_tag
+        if request.is_request:
+            return CALLER if caller_is_from else CALLEE
+        return CALLEE if caller_is_from else CALLER
+
+    @property
+    def started(self) -> bool:
+        return self.start_time is not None
+
+    @property
+    def active_streams(self):
+        return [stream for stream in self.streams if stream is not None and not stream.ended]
+
+    def update(self, request: UpdateRequest, allocator: StreamAllocator, now: float) -> list:
+        """Apply an update from the proxy; returns one relay port per stream of its `media` (0 = disabled)."""
+        party = self.sender(request)
+        self._note_party_details(request, party)
+        if request.media is None:
+            return self._ports_for(other_party(party), len(self.streams))
+        requester = party if request.is_request else other_party(party)
+        transaction = (requester, request.cseq)
+        if transaction != self._transaction:
+            if request.cseq <= self._last_cseq[requester]:
+                return self._ports_for(other_party(party), len(request.media))     # stale exchange
+            self._transaction, self._offerer = transaction, None
+            self._last_cseq[requester] = request.cseq
+        if self._offerer in (None, party):
+            self._offerer = party
+            self._apply_offer(party, request.media, allocator, now)
+        else:
+            self._apply_answer(party, request.media, allocator, now)
+        return self._ports_for(other_party(party), len(request.media))
+
+    def _note_party_details(self, request: UpdateRequest, party: str) -> None:
+        if request.to_tag and self.to_tag is None:
+            self.to_tag = request.to_tag
+        self.from_uri = self.from_uri or request.from_uri
+        self.to_uri = self.to_uri or request.to_uri
+        self.dialog_id = self.dialog_id or request.dialog_id
+        if request.signaling is not None and request.signaling.username and party == CALLER:
+            self.username = self.username or request.signaling.username
+        if request.user_agent:
+            if party == CALLER:
+                self.caller_ua = self.caller_ua or request.user_agent
+            else:
+                self.callee_ua = self.callee_ua or request.user_agent
+
+    def _ports_for(self, recipient: str, count: int) -> list:
+        ports = []
+        for index in range(count):
+            stream = self.streams[index] if index < len(self.streams) else None
+            ports.append(stream.leg(recipient).port if stream is not None and not stream.ended else 0)
+        return ports
+
+    def _match(self, index, media, offerer, taken) -> Optional[MediaStream]:
+        current = [(i, s) for i, s in enumerate(self.streams) if s is not None and s not in taken]
+        for i, stream in current:
+            if i == index and stream.media_type == media.media_type:
+                return stream
+        for i, stream in current:
+            if stream.media_type == media.media_type and stream.leg(offerer).sdp_address == media.address:
+                return stream
+        return None
+
+    def _apply_offer(self, offerer, media_list, allocator, now) -> None:
+        # Phase 1: match and open what is new; on failure close what we opened and change nothing.
+        matched, opened = [], []
+        try:
+            for index, media in enumerate(media_list):
+                stream = None if media.disabled else self._match(index, media, offerer, matched)
+                if stream is None and not media.disabled:
+                    stream = allocator.open_stream(media.media_type, now)
+                    opened.append(stream)
+                matched.append(stream)
+        except Exception:
+            for stream in opened:
+                allocator.close_stream(stream, "closed", now)
+            raise
+        # Phase 2: commit.
+        for stream in self.streams:
+            if stream is not None and stream not in matched:
+                allocator.close_stream(stream, "closed", now)
+        for stream, media in zip(matched, media_list):
+            if stream is not None:
+                stream.leg(offerer).describe(media)
+        self.all_streams.extend(opened)
+        self.streams = matched
+
+    def _apply_answer(self, answerer, media_list, allocator, now) -> None:
+        for index, stream in enumerate(self.streams):
+            if stream is None or stream.ended:
+                continue
+            if index >= len(media_list) or media_list[index].disabled:
+                allocator.close_stream(stream, "rejected", now)
+                self.streams[index] = None
+            else:
+                stream.leg(answerer).describe(media_list[index])
+        if self.start_time is None:
+            self.start_time = now
+
+    def close(self, allocator: StreamAllocator, now: float, status: str = "closed") -> None:
+        for stream in self.all_streams:
+            if not stream.ended:
+                allocator.close_stream(stream, status, now)
+        self.end_time = now

@@ -1,0 +1,126 @@
+"""A media stream between the two parties of a call, and its packet path (sans-IO).
+
+Each stream holds two legs: the relay's port pair facing the caller and the
+one facing the callee (RTP on the even port, RTCP on the next). A leg
+latches onto its party's real address from the first packet that party
+sends; afterwards only that address is accepted. A packet received on one
+leg is sent out of the other leg's port to the other party.
+"""
+
+from typing import Callable, Optional
+
+from mediaproxy.protocol.media import MediaDescription
+from mediaproxy.relay.rtp import codec_name, is_stun, rtp_payload_type
+
+CALLER, CALLEE = "caller", "callee"
+RTP, RTCP = 0, 1
+PARTIES = (CALLER, CALLEE)
+
+
+def other_party(party: str) -> str:
+    return CALLEE if party == CALLER else CALLER
+
+
+class Leg:
+    """The relay's port pair facing one party, and what it learnt of that party."""
+
+    __slots__ = ("port", "sdp_address", "latched", "packets", "bytes", "dropped", "codec",
+                 "on_hold", "ice", "first_packet_time")
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sdp_address = None           # (ip, port) the party announced in its SDP
+        self.latched = [None, None]       # real (ip, port) per component, from its first packet
+        self.packets = [0, 0]             # received from the party, per component
+        self.bytes = [0, 0]
+        self.dropped = 0                  # packets from addresses other than the latched one
+        self.codec = None
+        self.on_hold = False
+        self.ice = False
+        self.first_packet_time = None
+
+    def reset_latch(self):
+        self.latched = [None, None]
+
+    def describe(self, media: MediaDescription) -> bool:
+        """Take the party's SDP for this stream; True when its address changed (re-latch needed)."""
+        self.on_hold = media.on_hold
+        self.ice = media.ice
+        if media.ip in ("0.0.0.0", "::"):   # RFC 2543 hold: keep what we know
+            return False
+        address = (media.ip, media.port)
+        changed = self.sdp_address is not None and self.sdp_address != address
+        self.sdp_address = address
+        if changed:
+            self.reset_latch()
+        return changed
+
+
+class MediaStream:
+    """One m-line of the call, relayed between a caller leg and a callee leg."""
+
+    def __init__(self, media_type: str, caller_port: int, callee_port: int, now: float,
+                 routable: Callable[[str], bool] = lambda ip: True):
+        self.media_type = media_type
+        self.legs = {CALLER: Leg(caller_port), CALLEE: Leg(callee_port)}
+        self.created = now
+        self.first_media_time = None
+        self.end_time = None
+        self.status = None                # set when the stream ends: closed, rejected, ... timeout
+        self.timeout_wait = 0
+        self._routable = routable
+
+    @property
+    def ended(self) -> bool:
+        return self.end_time is not None
+
+    @property
+    def on_hold(self) -> bool:
+        return self.legs[CALLER].on_hold or self.legs[CALLEE].on_hold
+
+    @property
+    def current_status(self) -> str:
+        if self.status is not None:
+            return self.status
+        return "on hold" if self.on_hold else "active"
+
+    def leg(self, party: str) -> Leg:
+        return self.legs[party]
+
+    def end(self, status: str, now: float) -> None:
+        if self.end_time is None:
+            self.status = status
+            self.end_time = now
+
+    def is_latched(self, component: int) -> bool:
+        return all(leg.latched[component] is not None for leg in self.legs.values())
+
+    def on_packet(self, party: str, component: int, source, data: bytes, now: float):
+        """A packet from `party`'s side: where to send it, as (out_port, destination), or None to drop."""
+        if self.end_time is not None:
+            return None
+        leg = self.legs[party]
+        latched = leg.latched[component]
+        if latched is None:
+            leg.latched[component] = latched = source
+        elif latched != source:
+            leg.dropped += 1
+            return None
+        leg.packets[component] += 1
+        leg.bytes[component] += len(data)
+        if leg.first_packet_time is None and not is_stun(data):
+            leg.first_packet_time = now
+            if self.first_media_time is None:
+                self.first_media_time = now
+        if component == RTP and leg.codec is None:
+            payload_type = rtp_payload_type(data)
+            if payload_type is not None:
+                leg.codec = codec_name(payload_type)
+        peer = self.legs[other_party(party)]
+        destination = peer.latched[component]
+        if destination is None and peer.sdp_address is not None and self._routable(peer.sdp_address[0]):
+            ip, port = peer.sdp_address
+            destination = (ip, port + component)
+        if destination is None:
+            return None
+        return peer.port + component, destination

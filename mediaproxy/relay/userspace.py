@@ -1,0 +1,65 @@
+"""User-space forwarding: Twisted UDP sockets carry the packets.
+
+Used for the first packets of every stream (latching) and for everything on
+hosts without the kernel path. Each port of a pair is one socket; a packet
+goes through the stream's packet path and out of the other leg's socket.
+"""
+
+import logging
+
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol
+
+from mediaproxy.relay.forwarding import PortUnavailable
+
+log = logging.getLogger("mediaproxy.relay")
+
+
+class MediaSocket(DatagramProtocol):
+    __slots__ = ("forwarding", "component", "receiver")
+
+    def __init__(self, forwarding, component, receiver):
+        self.forwarding = forwarding
+        self.component = component
+        self.receiver = receiver
+
+    def datagramReceived(self, data, address):
+        forwarding = self.forwarding
+        result = self.receiver(self.component, address[:2], data, forwarding.clock.seconds())
+        if result is not None:
+            out_port, destination = result
+            out = forwarding.sockets.get(out_port)
+            if out is not None:
+                forwarding.packets_forwarded += 1
+                try:
+                    out.write(data, destination)
+                except OSError as e:     # e.g. no route: the packet is lost, the relay goes on
+                    log.debug("cannot send to %s:%d: %s", destination[0], destination[1], e)
+
+
+class UserspaceForwarding:
+    def __init__(self, ip: str, reactor):
+        self.ip = ip
+        self.clock = reactor
+        self.reactor = reactor
+        self.sockets = {}            # port -> listening transport (both ports of each pair)
+        self.packets_forwarded = 0
+
+    def open(self, port: int, receiver) -> None:
+        opened = []
+        try:
+            for component in (0, 1):
+                listening = self.reactor.listenUDP(port + component, MediaSocket(self, component, receiver),
+                                                   interface=self.ip)
+                opened.append(listening)
+        except CannotListenError:
+            for listening in opened:
+                listening.stopListening()
+            raise PortUnavailable(port) from None
+        self.sockets[port], self.sockets[port + 1] = opened
+
+    def close(self, port: int) -> None:
+        for p in (port, port + 1):
+            listening = self.sockets.pop(p, None)
+            if listening is not None:
+                listening.stopListening()

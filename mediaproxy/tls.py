@@ -1,0 +1,162 @@
+"""Mutual TLS between dispatchers, relays and management clients.
+
+Both sides present a certificate signed by the CA in certs_path; crl.pem,
+when present, is honoured at the handshake and re-read at each periodic
+re-verification; a passport restricts the peer's subject further.
+"""
+
+import datetime
+import fnmatch
+import logging
+import os
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
+
+log = logging.getLogger("mediaproxy.tls")
+
+
+class TLSError(Exception):
+    """The TLS files cannot be used; the daemon does not start."""
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSError("cannot read the %s %s: %s" % (what, path, e.strerror or e)) from None
+
+
+def subject_text(cert) -> str:
+    return ", ".join("%s=%s" % (k.decode(), v.decode("utf-8", "replace"))
+                     for k, v in cert.get_subject().get_components())
+
+
+class Credentials:
+    """The CA, the optional CRL, and this daemon's certificate and key."""
+
+    def __init__(self, certs_path: str, name: str):
+        self.certs_path = certs_path
+        self.ca_path = os.path.join(certs_path, "ca.pem")
+        self.crl_path = os.path.join(certs_path, "crl.pem")
+        self.cert_path = os.path.join(certs_path, name + ".crt")
+        self.key_path = os.path.join(certs_path, name + ".key")
+        self.ca_certificates = self._load_ca()
+        try:
+            self.certificate = crypto.load_certificate(crypto.FILETYPE_PEM, _read(self.cert_path, "certificate"))
+        except crypto.Error:
+            raise TLSError("%s is not a PEM certificate" % self.cert_path) from None
+        try:
+            self.private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, _read(self.key_path, "private key"))
+        except crypto.Error:
+            raise TLSError("%s is not a PEM private key (or it is encrypted)" % self.key_path) from None
+        if self.certificate.has_expired():
+            raise TLSError("the certificate %s has expired" % self.cert_path)
+        self._crl_stamp = None
+        self._crl = None
+        self._context = None
+
+    def _load_ca(self):
+        data = _read(self.ca_path, "CA certificate")
+        try:
+            certificates = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise TLSError("%s holds no PEM certificate" % self.ca_path) from None
+        return [crypto.X509.from_cryptography(c) for c in certificates]
+
+    def _current_crl(self):
+        """The CRL as it is on disk now (re-read when the file changes), or None."""
+        try:
+            stat = os.stat(self.crl_path)
+        except FileNotFoundError:
+            self._crl_stamp, self._crl = None, None
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._crl_stamp:
+            try:
+                self._crl = x509.load_pem_x509_crl(_read(self.crl_path, "CRL"))
+            except ValueError:
+                raise TLSError("%s is not a PEM CRL" % self.crl_path) from None
+            self._crl_stamp = stamp
+            self._context = None
+        return self._crl
+
+    def context(self) -> SSL.Context:
+        crl = self._current_crl()
+        if self._context is None:
+            self._context = self._make_context(crl)
+        return self._context
+
+    def _make_context(self, crl) -> SSL.Context:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.use_certificate(self.certificate)
+        context.use_privatekey(self.private_key)
+        try:
+            context.check_privatekey()
+        except SSL.Error:
+            raise TLSError("%s does not belong to %s" % (self.key_path, self.cert_path)) from None
+        store = context.get_cert_store()
+        for ca in self.ca_certificates:
+            store.add_cert(ca)
+        if crl is not None:
+            store.add_crl(crl)
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda conn, cert, errno, depth, ok: ok)
+        context.set_session_id(b"mediaproxy")
+        return context
+
+    def problem_with(self, peer) -> str:
+        """Why an established peer's certificate is no longer good ('' when it is)."""
+        if peer is None:
+            return "no certificate"
+        if peer.has_expired():
+            return "certificate expired"
+        try:
+            crl = self._current_crl()
+        except TLSError as e:
+            log.error("%s", e)
+            return ""
+        if crl is not None:
+            serial = peer.get_serial_number()
+            issuer = peer.to_cryptography().issuer
+            if crl.issuer == issuer and crl.get_revoked_certificate_by_serial_number(serial) is not None:
+                return "certificate revoked"
+        return ""
+
+
+@implementer(IOpenSSLContextFactory)
+class ContextFactory:
+    """What Twisted's listenSSL/connectSSL take: a fresh context when the CRL changed."""
+
+    def __init__(self, credentials: Credentials):
+        self.credentials = credentials
+
+    def getContext(self) -> SSL.Context:
+        return self.credentials.context()
+
+
+def _matches(pattern: str, value: str) -> bool:
+    if pattern.startswith("*") or pattern.endswith("*"):
+        return fnmatch.fnmatchcase(value, pattern)
+    return value == pattern
+
+
+def passport_mismatch(cert, passport) -> str:
+    """'' when the certificate's subject satisfies the passport, else what differs."""
+    if not passport:
+        return ""
+    subject = {k.decode(): v.decode("utf-8", "replace") for k, v in cert.get_subject().get_components()}
+    for attribute, pattern in passport.items():
+        value = subject.get(attribute)
+        if value is None or not _matches(pattern, value):
+            return "%s is %r, the passport wants %r" % (attribute, value, pattern)
+    return ""
+
+
+def expires_in(cert) -> float:
+    not_after = datetime.datetime.strptime(cert.get_notAfter().decode(), "%Y%m%d%H%M%SZ")
+    return (not_after - datetime.datetime.utcnow()).total_seconds()
