@@ -78,9 +78,5 @@ class DispatcherService(service.MultiService):
     def stopService(self):
         deferred = super().stopService()
         if getattr(self, "_proxy_port", None) is not None:
-            self._proxy_port.stopListening()
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
+            self._proxy_port.stopListening()       # Twisted removes the socket file
         return deferred
