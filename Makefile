@@ -1,0 +1,73 @@
+# MediaProxy: make deps | test | run | clean | distclean
+#
+#   make deps                 system packages (apt) and the virtualenv .venv
+#   make test                 the test suite; PYTEST_ARGS="-k relay -x" for more
+#                             pytest options, TESTS=tests/unit for a subset
+#   make run                  dispatcher and relay on this host (scripts/run-local)
+#
+# `make deps` is idempotent: it runs apt-get (update, then install) only when
+# a package of requirements-apt.txt is missing, and pip only when setup.py
+# changed; with nothing to do it takes well under a second.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+TESTS ?= tests
+PYTEST_ARGS ?=
+APT_PACKAGES := $(shell sed -e 's/\#.*//' requirements-apt.txt)
+DEPS_STAMP := $(VENV)/.deps-stamp
+
+# root or, failing that, sudo for apt-get
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+export DEBIAN_FRONTEND := noninteractive
+export PIP_NO_INPUT := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help deps deps-apt test run clean distclean
+
+help:
+	@sed -n '2,11s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+
+deps: deps-apt $(DEPS_STAMP)
+
+# Install the apt packages that are missing (the dpkg-query check is fast and
+# needs no network).
+deps-apt:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	    [ "$$(dpkg-query -W -f='$${db:Status-Status}' "$$p" 2>/dev/null)" = installed ] || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "deps: installing$$missing"; \
+	    $(SUDO) apt-get -q update </dev/null; \
+	    $(SUDO) apt-get -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+	        install --no-install-recommends $$missing </dev/null; \
+	fi
+
+$(VENV)/bin/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	    { echo "deps: MediaProxy needs Python 3.11 or newer; '$(PYTHON)' is $$($(PYTHON) -V 2>&1) (set PYTHON=...)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || \
+	    { echo "deps: '$(PYTHON) -m venv' failed (Debian's python3 needs: apt-get install python3-venv)" >&2; exit 1; }
+
+# deps-apt first: pip may have to compile python-iptables
+$(DEPS_STAMP): setup.py | deps-apt $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -e '.[test]' </dev/null
+	@touch $@
+
+test: deps
+	$(VENV)/bin/python -m pytest $(TESTS) $(PYTEST_ARGS)
+
+run: deps
+	scripts/run-local
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis ./run
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
