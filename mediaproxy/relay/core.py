@@ -39,18 +39,20 @@ class RelayCore:
 
     # Commands from the dispatcher.
 
-    def handle(self, command: str, headers, now: float) -> str:
+    def handle(self, command: str, headers, now: float, owner: str = None) -> str:
+        """A dispatcher's command; `owner` names that dispatcher, whose sessions are its own."""
         if command == "update":
-            return self.update(headers, now)
+            return self.update(headers, now, owner)
         if command == "remove":
             return self.remove(headers, now)
         if command == "summary":
             return json.dumps(self.summary(now))
         if command == "sessions":
-            return json.dumps([session_statistics(s, self.advertised_ip, now) for s in self.sessions.values()])
+            return json.dumps([session_statistics(s, self.advertised_ip, now) for s in self.sessions.values()
+                               if owner is None or s.owner == owner])
         return "error"
 
-    def update(self, headers, now: float) -> str:
+    def update(self, headers, now: float, owner: str = None) -> str:
         try:
             request = parse_update(headers)
         except RequestError as e:
@@ -65,6 +67,7 @@ class RelayCore:
                 log.info("refused new session %s: shutting down", request.call_id)
                 return "halting"
             session = Session(request.call_id, request.from_tag, now)
+            session.owner = owner
         try:
             ports = session.update(request, self, now)
         except PortsExhausted as e:

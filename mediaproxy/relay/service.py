@@ -81,7 +81,7 @@ class RelayService(service.MultiService):
         self.links.discard(link)
 
     def handle_command(self, link, command) -> str:
-        result = self.core.handle(command.name, command.headers, self.reactor.seconds())
+        result = self.core.handle(command.name, command.headers, self.reactor.seconds(), owner=link.peer_ip)
         if self.core.halting and not self.core.sessions:
             log.info("the last session has ended: stopping")
             self.reactor.callLater(0, self._stop_reactor)

@@ -39,6 +39,7 @@ class Session:
         self.callee_ua = None
         self.username = None
         self.dialog_id = None
+        self.owner = None                 # the dispatcher that created the session
         self.created = now
         self.start_time = None            # when the first answer arrived
         self.end_time = None
