@@ -30,7 +30,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help deps deps-apt test run clean distclean
 
 help:
-	@sed -n '2,11s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,11s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 deps: deps-apt $(DEPS_STAMP)
 
@@ -51,12 +51,14 @@ deps-apt:
 $(VENV)/bin/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	    { echo "deps: MediaProxy needs Python 3.11 or newer; '$(PYTHON)' is $$($(PYTHON) -V 2>&1) (set PYTHON=...)" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV) || \
+	@echo "deps: creating $(VENV) with $$($(PYTHON) -V 2>&1)"
+	@$(PYTHON) -m venv $(VENV) || \
 	    { echo "deps: '$(PYTHON) -m venv' failed (Debian's python3 needs: apt-get install python3-venv)" >&2; exit 1; }
 
 # deps-apt first: pip may have to compile python-iptables
 $(DEPS_STAMP): setup.py | deps-apt $(VENV)/bin/python
-	$(VENV)/bin/pip install -q -e '.[test]' </dev/null
+	@echo "deps: installing MediaProxy and its Python packages in $(VENV) (pip install -e '.[test]')"
+	@$(VENV)/bin/pip install -q -e '.[test]' </dev/null
 	@touch $@
 
 test: deps
