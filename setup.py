@@ -25,7 +25,7 @@ setup(
         "sqlalchemy>=1.4",
         "pyrad>=2.4",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "cryptography>=38"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=38"]},
     classifiers=[
         "License :: OSI Approved :: GNU General Public License v2 (GPLv2)",
         "Operating System :: POSIX :: Linux",

@@ -145,6 +145,7 @@ def run(name: str, build_service, level_of, on_sighup=None, argv=None) -> int:
             stopped.append(True)
             return root.stopService()
     reactor.addSystemEventTrigger("before", "shutdown", stop_service)
+    reactor.callWhenRunning(_handle_stop_signals, reactor)
     signal.signal(signal.SIGUSR1, toggle_debug)
     if on_sighup is not None:
         signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(on_sighup, root))
@@ -155,6 +156,19 @@ def run(name: str, build_service, level_of, on_sighup=None, argv=None) -> int:
     log.info("%s stopped", name)
     _remove(pid_path)
     return 0
+
+
+def _handle_stop_signals(reactor) -> None:
+    """SIGTERM/SIGINT stop the daemon; a repeated signal while it stops is harmless."""
+    from twisted.internet.error import ReactorNotRunning
+
+    def stop():
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: reactor.callFromThread(stop))
 
 
 def _remove(path: str) -> None:
