@@ -7,13 +7,19 @@ log file; stopped at teardown).
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import re
+import socket
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.netns import Topology, wait_for_udp_bound, wait_for_unix_connections
-from tests.support.pcap import Sdp, UdpPacket, parse_sdp, read_udp_packets
-from tests.support.processes import Process
+from tests.support.pcap import Sdp, UdpPacket, parse_rtp, parse_sdp, read_udp_packets
+from tests.support.processes import Process, wait_for
 
 HERE = Path(__file__).resolve().parent
 KAMAILIO_TEMPLATE = HERE / "kamailio.cfg"
@@ -68,7 +74,7 @@ def start_kamailio(
     also waits until every worker has connected to it: the workers connect
     only at start and then retry every ~10 s.
     """
-    rundir = workdir / "kamailio"
+    rundir = kamailio_rundir(workdir)
     rundir.mkdir(parents=True, exist_ok=True)
     config = render_kamailio_cfg(rundir / "kamailio.cfg", topology.address(host), rundir, dispatcher_socket)
     process = topology.spawn(
@@ -79,12 +85,40 @@ def start_kamailio(
     try:
         wait_for_udp_bound(topology.ns(host), SIP_PORT, topology.address(host), timeout=timeout)
         if dispatcher_socket is not None:
-            wait_for_unix_connections(topology.ns(host), dispatcher_socket, KAMAILIO_CHILDREN, timeout=timeout)
+            wait_for_unix_connections(
+                topology.ns(host), dispatcher_socket, KAMAILIO_CHILDREN, peer_command="kamailio", timeout=timeout
+            )
     except AssertionError:
         process.assert_running()
         raise
     process.assert_running()
     return process
+
+
+_rpc_requests = itertools.count(1)
+
+
+def kamailio_rpc(rundir: Path, method: str, *params: object, timeout: float = 3.0) -> object:
+    """Call a Kamailio RPC (e.g. ``dlg.list``, ``dlg.end_dlg``) over the jsonrpcs
+    datagram socket in ``rundir``; its result, or RuntimeError with the error."""
+    number = next(_rpc_requests)
+    request = {"jsonrpc": "2.0", "method": method, "params": list(params), "id": number}
+    client_path = Path(rundir) / f"rpc-{os.getpid()}-{number}.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(client_path))
+        try:
+            sock.settimeout(timeout)
+            sock.sendto(json.dumps(request).encode(), str(Path(rundir) / "kamailio_rpc.sock"))
+            reply = json.loads(sock.recv(65536))
+        finally:
+            client_path.unlink(missing_ok=True)
+    if "error" in reply:
+        raise RuntimeError(f"{method}{list(params)}: {reply['error']}")
+    return reply.get("result")
+
+
+def kamailio_rundir(workdir: Path) -> Path:
+    return workdir / "kamailio"
 
 
 # -- sipp --
@@ -209,6 +243,14 @@ def sipp_messages(path: Path) -> list[tuple[str, str]]:
     return messages
 
 
+def sip_header(message: str, name: str) -> str:
+    """The value of the first header ``name`` of a SIP message (full names only)."""
+    match = re.search(rf"^{re.escape(name)}\s*:\s*(.*?)\s*$", message, re.MULTILINE | re.IGNORECASE)
+    if match is None:
+        raise LookupError(f"no {name} header in:\n{message}")
+    return match.group(1)
+
+
 # -- tcpdump --
 
 
@@ -228,3 +270,149 @@ class Capture:
     def stop(self) -> list[UdpPacket]:
         self.process.stop()
         return read_udp_packets(self.path)
+
+
+def rtp_sources(packets: list[UdpPacket], destination: str) -> Counter:
+    """(source ``ip:port``, payload type) → number of RTP packets sent to ``destination``."""
+    sources: Counter = Counter()
+    for packet in packets:
+        rtp = parse_rtp(packet.payload)
+        if packet.destination == destination and rtp is not None:
+            sources[(packet.source, rtp.payload_type)] += 1
+    return sources
+
+
+# -- MediaProxy daemons --
+
+ROOT = HERE.parents[1]
+DISPATCHER_SCRIPT = ROOT / "scripts" / "media-dispatcher"
+RELAY_SCRIPT = ROOT / "scripts" / "media-relay"
+DISPATCHER_PORT = 25060
+MANAGEMENT_PORT = 25061
+
+
+def write_config(directory: Path, sections: dict[str, dict[str, object]]) -> Path:
+    """``directory/config.ini`` with the given sections and keys."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {value}" for key, value in values.items()]
+        lines.append("")
+    path = directory / "config.ini"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class Daemon:
+    process: Process
+    config_dir: Path
+    runtime_dir: Path
+
+
+def _daemon(topology: Topology, host: str, script: Path, name: str, workdir: Path, sections) -> Daemon:
+    # Short paths: a UNIX socket path has at most 107 bytes.
+    config_dir = workdir / name.removeprefix("media-")
+    runtime_dir = config_dir / "run"
+    write_config(config_dir, sections)
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, script, "--config-dir", config_dir, "--runtime-dir", runtime_dir, "--no-fork"]
+    return Daemon(topology.spawn(host, argv, name=name), config_dir, runtime_dir)
+
+
+def start_dispatcher(
+    topology: Topology,
+    workdir: Path,
+    certs_path: Path,
+    host: str = "proxy",
+    extra: dict[str, dict[str, object]] | None = None,
+) -> Daemon:
+    """media-dispatcher in ``host``: proxy socket ``<runtime>/dispatcher.sock``,
+    relays on ``ADDRESS:25060``, plain-TCP management on ``ADDRESS:25061``.
+    Returns once all three listen."""
+    address = topology.address(host)
+    sections: dict[str, dict[str, object]] = {
+        "Dispatcher": {
+            "socket_path": "dispatcher.sock",
+            "listen": f"{address}:{DISPATCHER_PORT}",
+            "listen_management": f"{address}:{MANAGEMENT_PORT}",
+            "management_use_tls": "no",
+            "log_level": "debug",
+        },
+        "TLS": {"certs_path": certs_path},
+    }
+    for section, values in (extra or {}).items():
+        sections.setdefault(section, {}).update(values)
+    daemon = _daemon(topology, host, DISPATCHER_SCRIPT, "media-dispatcher", workdir, sections)
+    daemon.process.wait_for_log(r"listening for the proxy on ", timeout=15)
+    return daemon
+
+
+def dispatcher_socket(daemon: Daemon) -> Path:
+    return daemon.runtime_dir / "dispatcher.sock"
+
+
+def start_relay(
+    topology: Topology,
+    workdir: Path,
+    certs_path: Path,
+    host: str = "relay1",
+    dispatcher_host: str = "proxy",
+    port_range: tuple[int, int] = (50000, 50100),
+    extra: dict[str, dict[str, object]] | None = None,
+) -> Daemon:
+    """media-relay in ``host`` on its address, connecting to the dispatcher of
+    ``dispatcher_host``. Returns once the dispatcher lists it as active."""
+    address = topology.address(host)
+    sections: dict[str, dict[str, object]] = {
+        "Relay": {
+            "dispatchers": f"{topology.address(dispatcher_host)}:{DISPATCHER_PORT}",
+            "relay_ip": address,
+            "port_range": f"{port_range[0]}:{port_range[1]}",
+            "log_level": "debug",
+        },
+        "TLS": {"certs_path": certs_path},
+    }
+    for section, values in (extra or {}).items():
+        sections.setdefault(section, {}).update(values)
+    daemon = _daemon(topology, host, RELAY_SCRIPT, f"media-relay-{host}", workdir, sections)
+    management = Management(topology, dispatcher_host)
+
+    def listed_active() -> bool:
+        daemon.process.assert_running()
+        return any(relay.get("ip") == address and relay.get("status") == "active" for relay in management.summary())
+
+    wait_for(listed_active, timeout=15, interval=0.1, message=f"the dispatcher to list relay {address} as active")
+    return daemon
+
+
+class Management:
+    """Client of the dispatcher's plain-TCP management interface (SPEC §5)."""
+
+    def __init__(self, topology: Topology, host: str = "proxy", port: int = MANAGEMENT_PORT) -> None:
+        self.topology = topology
+        self.host = host
+        self.address = (topology.address(host), port)
+
+    def command(self, command: str, timeout: float = 5.0) -> list[str]:
+        """The result lines of one command (the closing empty line removed)."""
+        with self.topology.socket(self.host) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.address)
+            sock.sendall(command.encode() + b"\r\n")
+            lines = []
+            with sock.makefile("rb") as stream:
+                while True:
+                    line = stream.readline()
+                    if not line:
+                        raise AssertionError(f"management connection closed after {lines!r}")
+                    if line in (b"\r\n", b"\n"):
+                        return lines
+                    lines.append(line.decode().rstrip("\r\n"))
+
+    def sessions(self) -> list[dict]:
+        return [json.loads(line) for line in self.command("sessions")]
+
+    def summary(self) -> list[dict]:
+        return [json.loads(line) for line in self.command("summary")]

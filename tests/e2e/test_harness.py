@@ -5,26 +5,27 @@ to the callee; media flows directly between them. If this fails, the
 environment or the harness is broken, not MediaProxy.
 """
 
-from collections import Counter
+import subprocess
 
 import pytest
 
-from tests.e2e.helpers import MEDIA_PORT, Capture, start_kamailio, start_uac, start_uas
-from tests.support.pcap import parse_rtp
+from tests.e2e.helpers import (
+    MEDIA_PORT,
+    Capture,
+    kamailio_rpc,
+    kamailio_rundir,
+    render_kamailio_cfg,
+    rtp_sources,
+    sip_header,
+    start_kamailio,
+    start_uac,
+    start_uas,
+)
+from tests.support.processes import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("e2e_tools")]
 
 CALL_MS = 3000
-
-
-def rtp_flows(packets, destination):
-    """(source, payload type) → packet count of the RTP arriving at ``destination``."""
-    flows = Counter()
-    for packet in packets:
-        rtp = parse_rtp(packet.payload)
-        if packet.destination == destination and rtp is not None:
-            flows[(packet.source, rtp.payload_type)] += 1
-    return flows
 
 
 def test_direct_call_through_kamailio(make_topology, tmp_path):
@@ -38,6 +39,13 @@ def test_direct_call_through_kamailio(make_topology, tmp_path):
     capture_caller = Capture(topo, "caller", tmp_path / "caller.pcap")
     uas = start_uas(topo, tmp_path / "sipp")
     uac = start_uac(topo, tmp_path / "sipp", duration_ms=CALL_MS)
+
+    # The dialog module tracks the call and answers over the JSON-RPC datagram socket.
+    def confirmed_dialogs():
+        uac.process.assert_running()
+        return [dialog for dialog in kamailio_rpc(kamailio_rundir(tmp_path), "dlg.list") or [] if dialog["state"] == 4]
+
+    dialogs = wait_for(confirmed_dialogs, timeout=CALL_MS / 1000, interval=0.1, message="a confirmed dialog")
 
     uac.wait(timeout=20)
     uas.wait(timeout=5)
@@ -55,8 +63,8 @@ def test_direct_call_through_kamailio(make_topology, tmp_path):
 
     # ...and each side's G.711 A-law reaches the other directly, for most of the call.
     expected = CALL_MS // 30 // 2  # packets of 30 ms, allowing for slow starts
-    to_callee = rtp_flows(at_callee, f"{callee}:{MEDIA_PORT}")
-    to_caller = rtp_flows(at_caller, f"{caller}:{MEDIA_PORT}")
+    to_callee = rtp_sources(at_callee, f"{callee}:{MEDIA_PORT}")
+    to_caller = rtp_sources(at_caller, f"{caller}:{MEDIA_PORT}")
     assert set(to_callee) == {(f"{caller}:{MEDIA_PORT}", 8)}, to_callee
     assert set(to_caller) == {(f"{callee}:{MEDIA_PORT}", 8)}, to_caller
     assert to_callee[(f"{caller}:{MEDIA_PORT}", 8)] >= expected
@@ -66,3 +74,15 @@ def test_direct_call_through_kamailio(make_topology, tmp_path):
     invite = uas.received()[0]
     assert invite.startswith(f"INVITE sip:service@{callee}:5060 SIP/2.0")
     assert f"Record-Route: <sip:{topo.address('proxy')};lr" in invite
+    assert [dialog["call-id"] for dialog in dialogs] == [sip_header(invite, "Call-ID")]
+
+
+@pytest.mark.parametrize("mediaproxy", [False, True], ids=["plain", "mediaproxy"])
+def test_kamailio_config_is_valid(tmp_path, mediaproxy):
+    config = render_kamailio_cfg(
+        tmp_path / "kamailio.cfg", "127.0.0.1", tmp_path, tmp_path / "dispatcher.sock" if mediaproxy else None
+    )
+    result = subprocess.run(
+        ["kamailio", "-c", "-f", config, "-Y", tmp_path], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr

@@ -185,31 +185,42 @@ def socket_in_netns(
 # -- socket state inside a namespace (ss) --
 
 
-def unix_connections(ns: str, path: str | Path) -> int:
+def unix_connections(ns: str, path: str | Path, peer_command: str | None = None) -> int:
     """Number of accepted connections on the UNIX stream socket ``path`` in ``ns``.
 
     Counted from ``ss -x``: established sockets whose local address is ``path``
-    are the server ends the listener accepted.
+    are the server ends the listener accepted. With ``peer_command``, only
+    those whose client end belongs to a process of that name (e.g. "kamailio")
+    count.
     """
-    output = run(ns, ["ss", "-xHn", "state", "established"]).stdout
+    output = run(ns, ["ss", "-xHnp", "state", "established"]).stdout
     path = str(path)
-    count = 0
+    accepted: list[str] = []  # peer inodes of the server ends
+    owners: dict[str, set[str]] = {}  # socket inode -> names of processes holding it
     for line in output.splitlines():
-        fields = line.split()
-        # Netid Recv-Q Send-Q Local-Address Port Peer-Address Port (no State column with a state filter)
-        if len(fields) >= 5 and fields[0] == "u_str" and fields[3] == path:
-            count += 1
-    return count
+        # Netid Recv-Q Send-Q Local-Address Inode Peer-Address Peer-Inode [users:(("name",pid=..,fd=..),...)]
+        fields = line.split(None, 7)
+        if len(fields) < 7 or fields[0] != "u_str":
+            continue
+        owners[fields[4]] = set(re.findall(r'\("([^"]+)",pid=', fields[7] if len(fields) > 7 else ""))
+        if fields[3] == path:
+            accepted.append(fields[6])
+    if peer_command is None:
+        return len(accepted)
+    return sum(1 for peer in accepted if peer_command in owners.get(peer, ()))
 
 
-def wait_for_unix_connections(ns: str, path: str | Path, count: int, timeout: float = 15.0) -> int:
-    """Wait until at least ``count`` clients are connected to UNIX socket ``path``."""
-    return wait_for(
-        lambda: (lambda n: n if n >= count else 0)(unix_connections(ns, path)),
-        timeout=timeout,
-        interval=0.1,
-        message=f"{count} connections to {path} in {ns}",
-    )
+def wait_for_unix_connections(
+    ns: str, path: str | Path, count: int, peer_command: str | None = None, timeout: float = 15.0
+) -> int:
+    """Wait until at least ``count`` clients (named ``peer_command``) are connected to ``path``."""
+
+    def enough() -> int:
+        connected = unix_connections(ns, path, peer_command)
+        return connected if connected >= count else 0
+
+    who = f"{peer_command} " if peer_command else ""
+    return wait_for(enough, timeout=timeout, interval=0.1, message=f"{count} {who}connections to {path} in {ns}")
 
 
 def udp_bound(ns: str, port: int, address: str | None = None) -> bool:
@@ -458,7 +469,8 @@ class Topology:
                 data, _ = receiver.recvfrom(2048)
                 return data == probe
 
-            wait_for(reached, timeout=timeout, interval=0.0, ignore=(OSError,), message=f"{source} to reach {destination} ({target})")
+            message = f"{source} to reach {destination} ({target})"
+            wait_for(reached, timeout=timeout, interval=0.0, ignore=(OSError,), message=message)
 
 
 # -- pytest fixtures --
