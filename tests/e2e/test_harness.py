@@ -23,7 +23,7 @@ from tests.e2e.helpers import (
 )
 from tests.support.processes import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("e2e_tools")]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60), pytest.mark.usefixtures("e2e_tools")]
 
 CALL_MS = 3000
 
