@@ -1,0 +1,227 @@
+"""TLS credentials (load errors, CRL), passports, and the periodic re-check of
+a peer's certificate by the protocols of both daemons."""
+
+import os
+
+import pytest
+from OpenSSL import SSL
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mediaproxy.peer import VerifiedPeerProtocol
+from mediaproxy.tls import ContextFactory, Credentials, TLSError, passport_mismatch
+from tests.support.certs import ago, make_ca, make_certs_dir
+
+
+@pytest.fixture
+def certs(tmp_path):
+    return make_certs_dir(tmp_path / "tls", org="AG Projects", relay_cn="relay1.example.com")
+
+
+def x509(issued):
+    return issued.pyopenssl()[0]
+
+
+# Loading
+
+def test_good_credentials_load(certs):
+    credentials = Credentials(str(certs.path), "relay")
+    assert credentials.certificate.get_subject().CN == "relay1.example.com"
+    assert len(credentials.ca_certificates) == 1
+    assert isinstance(credentials.context(), SSL.Context)
+    assert isinstance(ContextFactory(credentials).getContext(), SSL.Context)
+
+
+@pytest.mark.parametrize("missing, what", [("ca.pem", "CA certificate"), ("relay.crt", "certificate"),
+                                           ("relay.key", "private key")])
+def test_a_missing_file_is_named(certs, missing, what):
+    os.unlink(certs.path / missing)
+    with pytest.raises(TLSError) as error:
+        Credentials(str(certs.path), "relay")
+    assert what in str(error.value) and missing in str(error.value)
+
+
+@pytest.mark.parametrize("broken", ["ca.pem", "relay.crt", "relay.key"])
+def test_a_file_that_is_not_pem_is_named(certs, broken):
+    (certs.path / broken).write_text("this is not PEM\n")
+    with pytest.raises(TLSError, match=broken.replace(".", r"\.")):
+        Credentials(str(certs.path), "relay")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: use_privatekey() raises a raw OpenSSL.SSL.Error ('key values "
+                                       "mismatch') before check_privatekey() can name the files")
+def test_a_key_that_does_not_match_the_certificate_fails_the_context(certs):
+    os.replace(certs.path / "dispatcher.key", certs.path / "relay.key")
+    with pytest.raises(TLSError, match="does not belong"):
+        Credentials(str(certs.path), "relay").context()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a key not matching the certificate is only found when the first "
+                                       "TLS context is made, so the daemons start and fail every connection")
+def test_a_key_that_does_not_match_the_certificate_stops_loading(certs):
+    os.replace(certs.path / "dispatcher.key", certs.path / "relay.key")
+    with pytest.raises(TLSError, match="does not belong"):
+        Credentials(str(certs.path), "relay")
+
+
+def test_an_expired_own_certificate_stops_loading(certs):
+    certs.replace("relay", not_before=ago(days=10), not_after=ago(days=1))
+    with pytest.raises(TLSError, match="expired"):
+        Credentials(str(certs.path), "relay")
+
+
+def test_a_crl_that_is_not_pem_fails_the_context(certs):
+    (certs.path / "crl.pem").write_text("garbage\n")
+    with pytest.raises(TLSError, match="crl.pem"):
+        Credentials(str(certs.path), "relay").context()
+
+
+def test_the_context_is_made_again_when_the_crl_changes(certs):
+    credentials = Credentials(str(certs.path), "dispatcher")
+    first = credentials.context()
+    assert credentials.context() is first
+    certs.revoke("relay")
+    assert credentials.context() is not first
+
+
+def test_no_crl_is_fine(certs):
+    os.unlink(certs.path / "crl.pem")
+    credentials = Credentials(str(certs.path), "dispatcher")
+    assert isinstance(credentials.context(), SSL.Context)
+    assert credentials.problem_with(x509(certs.relay)) == ""
+
+
+# Re-checks of a connected peer
+
+def test_problem_with(certs):
+    credentials = Credentials(str(certs.path), "dispatcher")
+    assert credentials.problem_with(x509(certs.relay)) == ""
+    assert credentials.problem_with(None) == "no certificate"
+    expired = certs.ca.issue("old", cn="relay2", not_before=ago(days=3), not_after=ago(days=1), write=False)
+    assert credentials.problem_with(x509(expired)) == "certificate expired"
+
+
+def test_a_revocation_after_start_is_found(certs):
+    credentials = Credentials(str(certs.path), "dispatcher")
+    relay = x509(certs.relay)
+    assert credentials.problem_with(relay) == ""
+    certs.revoke("relay")
+    assert credentials.problem_with(relay) == "certificate revoked"
+
+
+def test_a_serial_revoked_by_another_ca_is_not_this_certificates(certs, tmp_path):
+    other = make_ca("Other CA", "AG Projects", directory=tmp_path / "other")
+    other.write_crl(certs.path, revoked=[certs.relay.serial])
+    credentials = Credentials(str(certs.path), "dispatcher")
+    assert credentials.problem_with(x509(certs.relay)) == ""
+
+
+# Passports
+
+@pytest.fixture
+def relay_cert(certs):
+    issued = certs.ca.issue("r", cn="relay1.example.com", ou="EU", write=False,
+                            subject={"C": "NL", "L": "Amsterdam", "ST": "NH", "EMAIL": "ops@example.com"})
+    return x509(issued)
+
+
+@pytest.mark.parametrize("passport", [
+    None, {},
+    {"O": "AG Projects"},
+    {"O": "AG Projects", "CN": "relay1.example.com"},
+    {"CN": "relay*"},
+    {"CN": "*.example.com"},
+    {"CN": "*"},
+    {"OU": "EU", "C": "NL", "L": "Amsterdam", "ST": "NH"},
+    {"emailAddress": "*@example.com"},
+])
+def test_passports_that_match(relay_cert, passport):
+    assert passport_mismatch(relay_cert, passport) == ""
+
+
+@pytest.mark.parametrize("passport, attribute", [
+    ({"O": "AG"}, "O"),
+    ({"O": "AG Projects", "CN": "relay2*"}, "CN"),
+    ({"CN": "*.example.net"}, "CN"),
+    ({"CN": "relay1"}, "CN"),                      # no `*`: the whole value must match
+    ({"CN": "RELAY1.EXAMPLE.COM"}, "CN"),
+    ({"OU": "US"}, "OU"),
+    ({"C": "DE"}, "C"),
+])
+def test_passports_that_do_not_match_name_the_attribute(relay_cert, passport, attribute):
+    mismatch = passport_mismatch(relay_cert, passport)
+    assert mismatch.startswith(attribute + " is ")
+
+
+def test_a_passport_attribute_the_subject_lacks_does_not_match(certs):
+    assert "OU is None" in passport_mismatch(x509(certs.relay), {"OU": "EU"})
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: passport patterns with a `*` are fnmatch patterns, so `?` and "
+                                       "`[...]` are wildcards too, not literal characters")
+def test_only_the_star_at_the_ends_is_a_wildcard(certs):
+    issued = certs.ca.issue("r", cn="relay-a1", write=False)
+    assert passport_mismatch(x509(issued), {"CN": "relay-?*"}) != ""
+
+
+# The protocols' peer checks (peer.py)
+
+class TLSTransport(StringTransport):
+    def __init__(self, certificate):
+        super().__init__()
+        self.certificate = certificate
+        self.aborted = False
+
+    def getPeerCertificate(self):
+        return self.certificate
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+class Peer(VerifiedPeerProtocol):
+    peer_kind = "relay"
+
+    def __init__(self):
+        self.verified_calls = 0
+
+    def peer_verified(self):
+        self.verified_calls += 1
+
+
+def connect(credentials, certificate, passport=None, verify_interval=300):
+    peer = Peer()
+    peer.credentials, peer.passport, peer.verify_interval = credentials, passport, verify_interval
+    peer.clock = Clock()
+    peer.makeConnection(TLSTransport(certificate))
+    peer.handshakeCompleted()
+    return peer
+
+
+def test_a_peer_matching_the_passport_is_verified(certs):
+    peer = connect(Credentials(str(certs.path), "dispatcher"), x509(certs.relay), {"CN": "relay*"})
+    assert peer.verified and peer.verified_calls == 1 and not peer.transport.aborted
+
+
+def test_a_peer_not_matching_the_passport_is_dropped(certs):
+    peer = connect(Credentials(str(certs.path), "dispatcher"), x509(certs.relay), {"CN": "dispatcher*"})
+    assert not peer.verified and peer.verified_calls == 0 and peer.transport.aborted
+
+
+def test_a_peer_revoked_later_is_dropped_at_the_next_check(certs):
+    peer = connect(Credentials(str(certs.path), "dispatcher"), x509(certs.relay), verify_interval=60)
+    peer.clock.advance(60)
+    assert not peer.transport.aborted
+    certs.revoke("relay")
+    peer.clock.advance(59)
+    assert not peer.transport.aborted
+    peer.clock.advance(1)
+    assert peer.transport.aborted
+
+
+def test_the_checks_stop_when_the_connection_is_lost(certs):
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionDone
+    peer = connect(Credentials(str(certs.path), "dispatcher"), x509(certs.relay), verify_interval=60)
+    peer.connectionLost(Failure(ConnectionDone()))
+    assert peer.clock.getDelayedCalls() == []
