@@ -1,0 +1,471 @@
+"""The dispatcher: relay selection and failover, calls kept on their relay,
+remove and accounting, relays coming and going, the management commands."""
+
+import json
+import random
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from mediaproxy import __version__
+from mediaproxy.dispatcher.core import Dispatcher
+from mediaproxy.dispatcher.relaylink import RelayGone, RelayTimeout
+from mediaproxy.protocol.framing import Request
+
+
+class Transport:
+    def __init__(self):
+        self.aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+class FakeRelay:
+    """A relay link: commands are recorded and answered by `answer` or later by hand."""
+
+    def __init__(self, ip, answer=None, sessions=()):
+        self.ip = ip
+        self.active = True
+        self.halting = False
+        self.transport = Transport()
+        self.commands = []                # (name, headers, deferred)
+        self.answer = answer              # callable(name, headers) -> str, or raises; None: leave pending
+        self.sessions = list(sessions)    # what `sessions` lists when there is no `answer`
+
+    def send_command(self, name, headers=None):
+        deferred = defer.Deferred()
+        self.commands.append((name, headers, deferred))
+        if name == "sessions" and self.answer is None:
+            deferred.callback(json.dumps([{"call_id": call_id} for call_id in self.sessions]))
+        elif self.answer is not None:
+            try:
+                deferred.callback(self.answer(name, headers))
+            except Exception as e:
+                deferred.errback(e)
+        return deferred
+
+    def names(self, name="update"):
+        return [headers["call_id"] for command, headers, _ in self.commands if command == name]
+
+    def pending(self, name="update"):
+        return [d for command, _, d in self.commands if command == name and not d.called]
+
+
+def replying(result, removed=None):
+    """An answer function: updates get `result`, remove gets statistics (or `removed`)."""
+    def answer(name, headers):
+        if name == "update":
+            if isinstance(result, Exception):
+                raise result
+            return result
+        if name == "remove":
+            if removed is not None:
+                return removed
+            return json.dumps(statistics(headers["call_id"]))
+        if name == "sessions":
+            return "[]"
+        if name == "summary":
+            return json.dumps({"ip": "ignored", "status": "active", "session_count": 0})
+        return "error"
+    return answer
+
+
+def statistics(call_id, start_time=1000.0, streams=None):
+    return {"call_id": call_id, "from_tag": "alice", "to_tag": "bob", "start_time": start_time,
+            "duration": 30, "dialog_id": None,
+            "streams": streams if streams is not None else [{"media_type": "audio", "status": "closed"}]}
+
+
+class Backend:
+    def __init__(self, fail=False):
+        self.saved = []
+        self.fail = fail
+
+    def save(self, stats):
+        if self.fail:
+            raise RuntimeError("database is down")
+        self.saved.append(dict(stats))
+
+
+def update(call_id="call-1", media_relay=None, cseq=1, kind="request", media="audio:10.0.0.5:4000:sendrecv",
+           dialog_id="7:9"):
+    headers = {"type": kind, "call_id": call_id, "cseq": "%d INVITE" % cseq, "from_tag": "alice",
+               "to_tag": "", "dialog_id": dialog_id, "media": media}
+    if media_relay:
+        headers["media_relay"] = media_relay
+    return Request("update", headers)
+
+
+def remove(call_id="call-1"):
+    return Request("remove", {"call_id": call_id, "from_tag": "alice", "to_tag": "bob"})
+
+
+def track(deferred):
+    """The list that gets the deferred's result once there is one."""
+    outcome = []
+    deferred.addBoth(lambda value: outcome.append(value) or value)
+    return outcome
+
+
+def result(deferred):
+    results = []
+    deferred.addBoth(results.append)
+    assert results, "the request is still waiting"
+    return results[0]
+
+
+@pytest.fixture
+def backend():
+    return Backend()
+
+
+@pytest.fixture
+def dispatcher(backend):
+    return Dispatcher(Clock(), rng=random.Random(4), accounting=[backend])
+
+
+def connect(dispatcher, *relays):
+    for relay in relays:
+        dispatcher.relay_connected(relay)
+    return relays
+
+
+# Choosing a relay for a new call
+
+def test_a_new_call_goes_to_one_relay_and_gets_its_answer(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                   FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    reply = result(dispatcher.proxy_request(update()))
+    chosen = [r for r in (a, b) if r.names()]
+    assert len(chosen) == 1
+    assert reply == "%s 40000" % chosen[0].ip
+    assert dispatcher.sessions["call-1"].relay_ip == chosen[0].ip
+
+
+def test_the_preferred_relay_goes_first(backend):
+    for seed in range(10):
+        dispatcher = Dispatcher(Clock(), rng=random.Random(seed), accounting=[backend])
+        relays = connect(dispatcher, *[FakeRelay("10.1.0.%d" % i, replying("10.1.0.%d 40000" % i))
+                                       for i in range(1, 5)])
+        assert result(dispatcher.proxy_request(update(media_relay="10.1.0.3"))) == "10.1.0.3 40000"
+        assert [r.ip for r in relays if r.names()] == ["10.1.0.3"]
+
+
+def test_new_calls_are_spread_over_the_relays(dispatcher):
+    relays = connect(dispatcher, *[FakeRelay("10.1.0.%d" % i, replying("10.1.0.%d 40000" % i))
+                                   for i in range(1, 4)])
+    for n in range(30):
+        result(dispatcher.proxy_request(update("call-%d" % n)))
+    assert all(r.names() for r in relays)
+    assert sum(len(r.names()) for r in relays) == 30
+
+
+def test_a_preferred_relay_that_is_inactive_or_unknown_is_skipped(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                   FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    a.active = False
+    assert result(dispatcher.proxy_request(update("call-1", media_relay="10.1.0.1"))) == "10.1.0.2 40000"
+    assert result(dispatcher.proxy_request(update("call-2", media_relay="10.9.9.9"))) == "10.1.0.2 40000"
+    assert a.names() == []
+
+
+@pytest.mark.parametrize("failure", [RelayTimeout("no answer"), RelayGone("gone"), "error", "halting"])
+def test_failover_to_the_next_relay(dispatcher, failure):
+    bad = FakeRelay("10.1.0.1", replying(failure))
+    good = FakeRelay("10.1.0.2", replying("10.1.0.2 40000"))
+    connect(dispatcher, bad, good)
+    assert result(dispatcher.proxy_request(update(media_relay="10.1.0.1"))) == "10.1.0.2 40000"
+    assert bad.names() == ["call-1"] and good.names() == ["call-1"]
+    assert dispatcher.sessions["call-1"].relay_ip == "10.1.0.2"
+
+
+def test_a_relay_that_answers_halting_gets_no_more_new_calls(dispatcher):
+    halting = FakeRelay("10.1.0.1", replying("halting"))
+    good = FakeRelay("10.1.0.2", replying("10.1.0.2 40000"))
+    connect(dispatcher, halting, good)
+    result(dispatcher.proxy_request(update("call-1", media_relay="10.1.0.1")))
+    assert halting.halting
+    result(dispatcher.proxy_request(update("call-2", media_relay="10.1.0.1")))
+    assert halting.names() == ["call-1"]
+
+
+def test_when_every_relay_fails_the_answer_is_error(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("error")),
+                   FakeRelay("10.1.0.2", replying(RelayTimeout("late"))))
+    assert result(dispatcher.proxy_request(update())) == "error"
+    assert a.names() == b.names() == ["call-1"]
+    assert dispatcher.sessions == {}
+
+
+def test_without_relays_the_answer_is_error(dispatcher):
+    assert result(dispatcher.proxy_request(update())) == "error"
+
+
+@pytest.mark.parametrize("request_", [Request("update", {"call_id": "c"}), Request("remove", {}),
+                                      Request("restart", {"call_id": "c"}),
+                                      update(media="audio:10.0.0.5:99999:sendrecv")])
+def test_a_malformed_request_is_error_and_reaches_no_relay(dispatcher, request_):
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    assert result(dispatcher.proxy_request(request_)) == "error"
+    assert relay.names() == [] and relay.names("remove") == []
+
+
+def test_concurrent_updates_of_a_new_call_go_to_one_relay(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1"), FakeRelay("10.1.0.2"))
+    first = track(dispatcher.proxy_request(update(media_relay="10.1.0.1")))
+    second = track(dispatcher.proxy_request(update(media_relay="10.1.0.2")))   # e.g. a retransmission
+    assert first == second == []
+    assert a.names() == ["call-1"] and b.names() == []
+    a.pending()[0].callback("10.1.0.1 40000")
+    assert first == ["10.1.0.1 40000"] and second == []
+    assert a.names() == ["call-1", "call-1"] and b.names() == []
+    a.pending()[0].callback("10.1.0.1 40000")
+    assert second == ["10.1.0.1 40000"]
+    assert dispatcher._call_locks == {}
+
+
+def test_updates_of_different_calls_do_not_wait_for_each_other(dispatcher):
+    a, = connect(dispatcher, FakeRelay("10.1.0.1"))
+    one = track(dispatcher.proxy_request(update("call-1")))
+    two = track(dispatcher.proxy_request(update("call-2")))
+    assert a.names() == ["call-1", "call-2"]
+    a.pending()[1].callback("10.1.0.1 40002")
+    assert two == ["10.1.0.1 40002"] and one == []
+
+
+# Later requests of a call
+
+def test_a_known_call_goes_to_its_relay(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                   FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    result(dispatcher.proxy_request(update(media_relay="10.1.0.1")))
+    reply = result(dispatcher.proxy_request(update(kind="reply", media_relay="10.1.0.2")))
+    assert reply == "10.1.0.1 40000"
+    assert a.names() == ["call-1", "call-1"] and b.names() == []
+
+
+@pytest.mark.parametrize("later", ["halting", RelayTimeout("late")])
+def test_a_known_call_whose_relay_fails_gets_error_and_no_other_relay(dispatcher, later):
+    answers = iter(["10.1.0.1 40000", later])
+
+    def answer(name, headers):
+        if name == "sessions":
+            return "[]"
+        value = next(answers)
+        if isinstance(value, Exception):
+            raise value
+        return value
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", answer), FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    result(dispatcher.proxy_request(update(media_relay="10.1.0.1")))
+    assert result(dispatcher.proxy_request(update(kind="reply"))) == "error"
+    assert b.names() == []
+
+
+def test_a_known_call_whose_relay_is_gone_gets_error(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                   FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    result(dispatcher.proxy_request(update(media_relay="10.1.0.1")))
+    dispatcher.relay_disconnected(a, "connection lost")
+    assert result(dispatcher.proxy_request(update(kind="reply"))) == "error"
+    assert b.names() == []
+
+
+# Remove and accounting
+
+def test_remove_answers_removed_and_accounts_the_session(dispatcher, backend):
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update(dialog_id="7:9")))
+    assert result(dispatcher.proxy_request(remove())) == "removed"
+    assert relay.names("remove") == ["call-1"]
+    [saved] = backend.saved
+    assert saved["call_id"] == "call-1" and saved["duration"] == 30
+    assert saved["dialog_id"] == "7:9"
+    assert saved["timed_out"] is False and saved["all_streams_ice"] is False
+    assert dispatcher.sessions == {}
+    assert result(dispatcher.proxy_request(remove())) == "error"       # already gone
+    assert len(backend.saved) == 1
+
+
+def test_the_dialog_id_of_a_later_update_is_kept(dispatcher, backend):
+    connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update(dialog_id="")))
+    result(dispatcher.proxy_request(update(kind="reply", dialog_id="11:12")))
+    result(dispatcher.proxy_request(remove()))
+    assert backend.saved[0]["dialog_id"] == "11:12"
+
+
+def test_an_unanswered_session_is_removed_but_not_accounted(dispatcher, backend):
+    connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000",
+                                                        removed=json.dumps(statistics("call-1", None)))))
+    result(dispatcher.proxy_request(update()))
+    assert result(dispatcher.proxy_request(remove())) == "removed"
+    assert backend.saved == []
+
+
+@pytest.mark.parametrize("failure", ["error", RelayTimeout("late")])
+def test_a_remove_the_relay_cannot_do_is_error(dispatcher, backend, failure):
+    def answer(name, headers):
+        if name == "remove":
+            if isinstance(failure, Exception):
+                raise failure
+            return failure
+        return "10.1.0.1 40000"
+    connect(dispatcher, FakeRelay("10.1.0.1", answer))
+    result(dispatcher.proxy_request(update()))
+    assert result(dispatcher.proxy_request(remove())) == "error"
+    assert backend.saved == []
+
+
+def test_remove_of_an_unknown_call_is_error(dispatcher):
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    assert result(dispatcher.proxy_request(remove("nobody"))) == "error"
+    assert relay.names("remove") == []
+
+
+def test_a_failing_backend_does_not_stop_the_others():
+    good = Backend()
+    dispatcher = Dispatcher(Clock(), rng=random.Random(1), accounting=[Backend(fail=True), good])
+    connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update()))
+    assert result(dispatcher.proxy_request(remove())) == "removed"
+    assert [s["call_id"] for s in good.saved] == ["call-1"]
+
+
+def test_an_expired_session_is_accounted_as_timed_out_and_forgotten(dispatcher, backend):
+    relay, other = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                           FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    result(dispatcher.proxy_request(update(media_relay="10.1.0.1", dialog_id="3:4")))
+    dispatcher.session_expired(relay, statistics("call-1", streams=[{"status": "no-traffic timeout"}]))
+    [saved] = backend.saved
+    assert (saved["timed_out"], saved["all_streams_ice"], saved["dialog_id"]) == (True, False, "3:4")
+    assert "call-1" not in dispatcher.sessions
+    # the same Call-ID is a new call now, free to go to the preferred relay
+    assert result(dispatcher.proxy_request(update(media_relay="10.1.0.2"))) == "10.1.0.2 40000"
+
+
+def test_a_session_whose_streams_were_all_unselected_ice_candidates_did_not_time_out(dispatcher, backend):
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update()))
+    ice = [{"status": "unselected ICE candidate"}, {"status": "unselected ICE candidate"}]
+    dispatcher.session_expired(relay, statistics("call-1", streams=ice))
+    [saved] = backend.saved
+    assert (saved["timed_out"], saved["all_streams_ice"]) == (False, True)
+
+
+def test_an_expired_session_that_never_started_is_not_accounted(dispatcher, backend):
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update()))
+    dispatcher.session_expired(relay, statistics("call-1", start_time=None))
+    assert backend.saved == [] and dispatcher.sessions == {}
+
+
+def test_an_expiry_reported_by_another_relay_does_not_forget_the_call(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                   FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    result(dispatcher.proxy_request(update(media_relay="10.1.0.1")))
+    dispatcher.session_expired(b, statistics("call-1"))
+    assert dispatcher.sessions["call-1"].relay_ip == "10.1.0.1"
+
+
+# Relays coming and going
+
+def test_a_reconnecting_relay_replaces_its_old_link(dispatcher):
+    old, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update()))
+    new = FakeRelay("10.1.0.1", sessions=["call-1"])
+    dispatcher.relay_connected(new)
+    assert old.transport.aborted and not new.transport.aborted
+    dispatcher.relay_disconnected(old, "aborted")          # the old link's connectionLost comes later
+    assert dispatcher.relays == {"10.1.0.1": new}
+    dispatcher.proxy_request(update(kind="reply"))
+    assert new.names() == ["call-1"]
+
+
+def test_a_disconnected_relay_takes_no_new_calls(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                   FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    dispatcher.relay_disconnected(a, "lost")
+    for n in range(5):
+        assert result(dispatcher.proxy_request(update("call-%d" % n, media_relay="10.1.0.1"))) == "10.1.0.2 40000"
+    assert a.names() == []
+
+
+def test_on_connect_the_sessions_the_relay_no_longer_has_are_forgotten(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                   FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    for call_id in ("kept", "lost"):
+        result(dispatcher.proxy_request(update(call_id, media_relay="10.1.0.1")))
+    result(dispatcher.proxy_request(update("elsewhere", media_relay="10.1.0.2")))
+    restarted = FakeRelay("10.1.0.1", sessions=["kept"])
+    dispatcher.relay_connected(restarted)
+    assert restarted.commands[0][0] == "sessions"
+    assert sorted(dispatcher.sessions) == ["elsewhere", "kept"]
+
+
+@pytest.mark.parametrize("answer", ["error", "not json", '{"call_id": "x"}', RelayTimeout("late")])
+def test_a_relay_that_cannot_list_its_sessions_keeps_them(dispatcher, answer):
+    a, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update()))
+
+    def listing(name, headers):
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    dispatcher.relay_connected(FakeRelay("10.1.0.1", listing))
+    assert list(dispatcher.sessions) == ["call-1"]
+
+
+# Management
+
+def management(dispatcher, command):
+    return result(dispatcher.management_command(command))
+
+
+def test_management_sessions_lists_every_relays_sessions(dispatcher):
+    def listing(sessions):
+        return lambda name, headers: json.dumps(sessions) if name == "sessions" else "error"
+    connect(dispatcher, FakeRelay("10.1.0.1", listing([{"call_id": "a"}, {"call_id": "b"}])),
+            FakeRelay("10.1.0.2", listing([{"call_id": "c"}])),
+            FakeRelay("10.1.0.3", listing("garbage")))
+    lines = management(dispatcher, "sessions")
+    assert sorted(json.loads(line)["call_id"] for line in lines) == ["a", "b", "c"]
+
+
+def test_management_sessions_skips_a_relay_that_does_not_answer(dispatcher):
+    late = FakeRelay("10.1.0.2", sessions=[])
+    connect(dispatcher, FakeRelay("10.1.0.1", sessions=["a"]), late)
+    late.answer = lambda name, headers: (_ for _ in ()).throw(RelayTimeout("late"))
+    assert [json.loads(line)["call_id"] for line in management(dispatcher, "sessions")] == ["a"]
+
+
+def test_management_summary_has_a_line_per_relay_and_an_error_line_for_a_failing_one(dispatcher):
+    def summary(name, headers):
+        if name == "summary":
+            return json.dumps({"ip": "192.0.2.200", "version": "1.0", "status": "active", "uptime": 5,
+                               "session_count": 1, "stream_count": {"audio": 1}, "bps_relayed": 64000})
+        return "[]"
+
+    def failing(name, headers):
+        if name == "summary":
+            raise RelayTimeout("late")
+        return "[]"
+    connect(dispatcher, FakeRelay("10.1.0.1", summary), FakeRelay("10.1.0.2", failing),
+            FakeRelay("10.1.0.3", lambda name, headers: "error" if name == "summary" else "[]"))
+    lines = [json.loads(line) for line in management(dispatcher, "summary")]
+    assert lines == [
+        {"ip": "10.1.0.1", "version": "1.0", "status": "active", "uptime": 5, "session_count": 1,
+         "stream_count": {"audio": 1}, "bps_relayed": 64000},
+        {"ip": "10.1.0.2", "status": "error"},
+        {"ip": "10.1.0.3", "status": "error"},
+    ]
+
+
+def test_management_summary_without_relays_is_empty(dispatcher):
+    assert management(dispatcher, "summary") == []
+
+
+def test_management_version_and_unknown_commands(dispatcher):
+    assert management(dispatcher, "version") == [__version__]
+    assert management(dispatcher, "reboot") == ["error"]
