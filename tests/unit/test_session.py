@@ -296,3 +296,14 @@ def test_close_ends_every_stream(session, allocator):
     assert video.status == "rejected"            # already ended: keeps its status
     assert session.end_time == 200.0
     assert session.active_streams == []
+
+
+def test_a_reinvite_without_sdp_gets_the_offer_in_the_reply_and_the_answer_in_the_ack(session, allocator):
+    established(session, allocator)
+    [audio] = session.streams
+    assert session.update(invite(2, None), allocator, 200.0) == [audio.leg(CALLEE).port]
+    ports = session.update(invite_reply(2, "audio:10.0.0.9:6100:sendrecv"), allocator, 200.1)
+    assert ports == [audio.leg(CALLER).port]
+    assert audio.leg(CALLEE).sdp_address == ("10.0.0.9", 6100)
+    assert session.update(invite(2, AUDIO_A), allocator, 200.2) == [audio.leg(CALLEE).port]
+    assert session.streams == [audio] and len(allocator.opened) == 1 and allocator.closed == []
