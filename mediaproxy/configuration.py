@@ -7,9 +7,12 @@ with a ConfigError naming the section, the key and the value.
 import configparser
 import ipaddress
 import logging
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Optional
+
+from mediaproxy.protocol.framing import is_number
 
 log = logging.getLogger("mediaproxy")
 
@@ -26,7 +29,7 @@ class ConfigError(Exception):
 
 # Value parsers: each takes the text and returns the value or raises ValueError(reason).
 
-def boolean(text: str) -> bool:
+def parse_boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("yes", "true", "on", "1"):
         return True
@@ -35,28 +38,28 @@ def boolean(text: str) -> bool:
     raise ValueError("expected yes or no")
 
 
-def positive_number(text: str) -> float:
+def parse_positive_number(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not math.isfinite(value) or not value > 0:
         raise ValueError("must be greater than 0")
     return int(value) if value == int(value) else value
 
 
-def positive_integer(text: str) -> int:
+def parse_positive_integer(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise ValueError("must be a whole number greater than 0")
     return value
 
 
-def ip_address(text: str) -> Optional[str]:
+def parse_ip_address(text: str) -> Optional[str]:
     text = text.strip()
     if not text:
         return None
     return str(ipaddress.ip_address(text))
 
 
-def listen_address(default_port: int):
+def parse_listen_address(default_port: int):
     def parse(text: str):
         host, port = split_host_port(text.strip(), default_port)
         if port is None:
@@ -75,13 +78,13 @@ def split_host_port(text: str, default_port: Optional[int]):
     else:
         host, port = text, ""
     if port:
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not is_number(port) or not 0 < int(port) < 65536:
             raise ValueError("bad port %r" % port)
         return host, int(port)
     return host, default_port
 
 
-def host_list(text: str) -> tuple:
+def parse_host_list(text: str) -> tuple:
     hosts = []
     for item in text.replace(",", " ").split():
         host, port = split_host_port(item, None)
@@ -91,9 +94,9 @@ def host_list(text: str) -> tuple:
     return tuple(hosts)
 
 
-def port_range(text: str) -> tuple:
+def parse_port_range(text: str) -> tuple:
     start, sep, end = text.strip().partition(":")
-    if not sep or not start.isdigit() or not end.isdigit():
+    if not sep or not is_number(start) or not is_number(end):
         raise ValueError("expected start:end")
     start, end = int(start), int(end)
     if start % 2 or end % 2:
@@ -103,7 +106,7 @@ def port_range(text: str) -> tuple:
     return start, end
 
 
-def passport(text: str) -> Optional[dict]:
+def parse_passport(text: str) -> Optional[dict]:
     text = text.strip()
     if not text or text.lower() == "none":
         return None
@@ -117,11 +120,11 @@ def passport(text: str) -> Optional[dict]:
     return result
 
 
-def network_list(text: str) -> tuple:
+def parse_network_list(text: str) -> tuple:
     return tuple(ipaddress.ip_network(item, strict=False) for item in text.replace(",", " ").split())
 
 
-def accounting_list(text: str) -> tuple:
+def parse_accounting_list(text: str) -> tuple:
     backends = tuple(item.strip().lower() for item in text.replace(",", " ").split())
     unknown = [b for b in backends if b not in ACCOUNTING_BACKENDS]
     if unknown:
@@ -129,14 +132,14 @@ def accounting_list(text: str) -> tuple:
     return backends
 
 
-def log_level(text: str) -> int:
+def parse_log_level(text: str) -> int:
     try:
         return LOG_LEVELS[text.strip().lower()]
     except KeyError:
         raise ValueError("expected one of %s" % ", ".join(LOG_LEVELS)) from None
 
 
-def text(value: str) -> str:
+def parse_text(value: str) -> str:
     return value.strip()
 
 
@@ -148,63 +151,63 @@ def option(parser, default):
 
 @dataclass(frozen=True)
 class DispatcherConfig:
-    socket_path: str = option(text, "dispatcher.sock")
-    listen: tuple = option(listen_address(25060), ("0.0.0.0", 25060))
-    listen_management: tuple = option(listen_address(25061), ("0.0.0.0", 25061))
-    management_use_tls: bool = option(boolean, True)
-    passport: Optional[dict] = option(passport, None)
-    management_passport: Optional[dict] = option(passport, None)
-    relay_timeout: float = option(positive_number, 5)
-    relay_recover_interval: float = option(positive_number, 60)
-    cleanup_dead_relays_after: float = option(positive_number, 43200)
-    cleanup_expired_sessions_after: float = option(positive_number, 86400)
-    accounting: tuple = option(accounting_list, ())
-    log_level: int = option(log_level, logging.INFO)
+    socket_path: str = option(parse_text, "dispatcher.sock")
+    listen: tuple = option(parse_listen_address(25060), ("0.0.0.0", 25060))
+    listen_management: tuple = option(parse_listen_address(25061), ("0.0.0.0", 25061))
+    management_use_tls: bool = option(parse_boolean, True)
+    passport: Optional[dict] = option(parse_passport, None)
+    management_passport: Optional[dict] = option(parse_passport, None)
+    relay_timeout: float = option(parse_positive_number, 5)
+    relay_recover_interval: float = option(parse_positive_number, 60)
+    cleanup_dead_relays_after: float = option(parse_positive_number, 43200)
+    cleanup_expired_sessions_after: float = option(parse_positive_number, 86400)
+    accounting: tuple = option(parse_accounting_list, ())
+    log_level: int = option(parse_log_level, logging.INFO)
 
 
 @dataclass(frozen=True)
 class RelayConfig:
-    dispatchers: tuple = option(host_list, ())
-    relay_ip: Optional[str] = option(ip_address, None)
-    advertised_ip: Optional[str] = option(ip_address, None)
-    port_range: tuple = option(port_range, (40000, 60000))
-    stream_timeout: float = option(positive_number, 90)
-    on_hold_timeout: float = option(positive_number, 7200)
-    traffic_sampling_period: float = option(positive_number, 15)
-    dns_check_interval: float = option(positive_number, 60)
-    keepalive_interval: float = option(positive_number, 10)
-    reconnect_delay: float = option(positive_number, 10)
-    passport: Optional[dict] = option(passport, None)
-    routable_private_ranges: tuple = option(network_list, ())
-    log_level: int = option(log_level, logging.INFO)
+    dispatchers: tuple = option(parse_host_list, ())
+    relay_ip: Optional[str] = option(parse_ip_address, None)
+    advertised_ip: Optional[str] = option(parse_ip_address, None)
+    port_range: tuple = option(parse_port_range, (40000, 60000))
+    stream_timeout: float = option(parse_positive_number, 90)
+    on_hold_timeout: float = option(parse_positive_number, 7200)
+    traffic_sampling_period: float = option(parse_positive_number, 15)
+    dns_check_interval: float = option(parse_positive_number, 60)
+    keepalive_interval: float = option(parse_positive_number, 10)
+    reconnect_delay: float = option(parse_positive_number, 10)
+    passport: Optional[dict] = option(parse_passport, None)
+    routable_private_ranges: tuple = option(parse_network_list, ())
+    log_level: int = option(parse_log_level, logging.INFO)
 
 
 @dataclass(frozen=True)
 class TLSConfig:
-    certs_path: str = option(text, "tls")
-    verify_interval: float = option(positive_number, 300)
+    certs_path: str = option(parse_text, "tls")
+    verify_interval: float = option(parse_positive_number, 300)
 
 
 @dataclass(frozen=True)
 class OpenSIPSConfig:
-    socket_path: str = option(text, "/run/opensips/socket")
-    max_connections: int = option(positive_integer, 10)
+    socket_path: str = option(parse_text, "/run/opensips/socket")
+    max_connections: int = option(parse_positive_integer, 10)
 
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    dburi: str = option(text, "")
-    sessions_table: str = option(text, "media_sessions")
-    callid_column: str = option(text, "call_id")
-    fromtag_column: str = option(text, "from_tag")
-    totag_column: str = option(text, "to_tag")
-    info_column: str = option(text, "info")
+    dburi: str = option(parse_text, "")
+    sessions_table: str = option(parse_text, "media_sessions")
+    callid_column: str = option(parse_text, "call_id")
+    fromtag_column: str = option(parse_text, "from_tag")
+    totag_column: str = option(parse_text, "to_tag")
+    info_column: str = option(parse_text, "info")
 
 
 @dataclass(frozen=True)
 class RadiusConfig:
-    config_file: str = option(text, "/etc/opensips/radius/client.conf")
-    additional_dictionary: str = option(text, "radius/dictionary")
+    config_file: str = option(parse_text, "/etc/opensips/radius/client.conf")
+    additional_dictionary: str = option(parse_text, "radius/dictionary")
 
 
 SECTIONS = {"Dispatcher": DispatcherConfig, "Relay": RelayConfig, "TLS": TLSConfig,
@@ -251,6 +254,10 @@ def parse_configuration(content: str, config_dir: str, runtime_dir: str) -> Conf
         parser.read_string(content, source="config.ini")
     except configparser.Error as e:
         raise ConfigError("config.ini cannot be read: %s" % e) from None
+    for name in parser.sections():
+        if name not in SECTIONS:
+            log.warning("config.ini: section [%s] is not known and is ignored (sections: %s)",
+                        name, ", ".join(SECTIONS))
     sections = {name.lower(): _section(parser, name, cls) for name, cls in SECTIONS.items()}
     return Configuration(config_dir=os.path.abspath(config_dir), runtime_dir=os.path.abspath(runtime_dir),
                          **sections)

@@ -29,6 +29,7 @@ class VerifiedPeerProtocol(Protocol):
     verify_interval = 300
     clock = None
     verified = False
+    refused = False
     _verify_call = None
 
     @property
@@ -41,6 +42,7 @@ class VerifiedPeerProtocol(Protocol):
         if mismatch:
             log.warning("refused %s %s (%s): passport mismatch: %s", self.peer_kind, self.peer_ip,
                         subject_text(cert) if cert is not None else "-", mismatch)
+            self.refused = True
             self.transport.abortConnection()
             return
         self.verified = True
@@ -69,7 +71,7 @@ class VerifiedPeerProtocol(Protocol):
         if self._verify_call is not None and self._verify_call.active():
             self._verify_call.cancel()
         self._verify_call = None
-        if not self.verified:
+        if not self.verified and not self.refused:
             log.warning("TLS connection from %s %s failed before it was verified: %s",
                         self.peer_kind, self._peer_or_unknown(), reason.getErrorMessage())
 

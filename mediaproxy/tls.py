@@ -6,11 +6,11 @@ re-verification; a passport restricts the peer's subject further.
 """
 
 import datetime
-import fnmatch
 import logging
 import os
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
@@ -30,9 +30,19 @@ def _read(path: str, what: str) -> bytes:
         raise TLSError("cannot read the %s %s: %s" % (what, path, e.strerror or e)) from None
 
 
+SUBJECT_NAMES = {NameOID.COUNTRY_NAME: "C", NameOID.STATE_OR_PROVINCE_NAME: "ST", NameOID.LOCALITY_NAME: "L",
+                 NameOID.ORGANIZATION_NAME: "O", NameOID.ORGANIZATIONAL_UNIT_NAME: "OU",
+                 NameOID.COMMON_NAME: "CN", NameOID.EMAIL_ADDRESS: "emailAddress"}
+
+
+def subject_attributes(cert) -> list:
+    """(short name, value) pairs of the certificate's subject, e.g. ("CN", "relay")."""
+    return [(SUBJECT_NAMES.get(attribute.oid, attribute.oid.dotted_string), str(attribute.value))
+            for attribute in cert.to_cryptography().subject]
+
+
 def subject_text(cert) -> str:
-    return ", ".join("%s=%s" % (k.decode(), v.decode("utf-8", "replace"))
-                     for k, v in cert.get_subject().get_components())
+    return ", ".join("%s=%s" % pair for pair in subject_attributes(cert))
 
 
 class Credentials:
@@ -58,6 +68,7 @@ class Credentials:
         self._crl_stamp = None
         self._crl = None
         self._context = None
+        self.context()         # a key that does not fit, or a bad crl.pem, stops start-up here
 
     def _load_ca(self):
         data = _read(self.ca_path, "CA certificate")
@@ -85,7 +96,13 @@ class Credentials:
         return self._crl
 
     def context(self) -> SSL.Context:
-        crl = self._current_crl()
+        try:
+            crl = self._current_crl()
+        except TLSError as e:
+            if self._context is None:
+                raise
+            log.error("%s: the CRL read before stays in force", e)
+            return self._context
         if self._context is None:
             self._context = self._make_context(crl)
         return self._context
@@ -93,15 +110,14 @@ class Credentials:
     def _make_context(self, crl) -> SSL.Context:
         context = SSL.Context(SSL.TLS_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        context.use_certificate(self.certificate)
-        context.use_privatekey(self.private_key)
         try:
+            context.use_certificate_chain_file(self.cert_path)
+            context.use_privatekey_file(self.key_path)
             context.check_privatekey()
         except SSL.Error:
-            raise TLSError("%s does not belong to %s" % (self.key_path, self.cert_path)) from None
+            raise TLSError("the key %s does not belong to the certificate %s" % (self.key_path, self.cert_path)) from None
+        context.load_verify_locations(self.ca_path)
         store = context.get_cert_store()
-        for ca in self.ca_certificates:
-            store.add_cert(ca)
         if crl is not None:
             store.add_crl(crl)
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
@@ -140,8 +156,13 @@ class ContextFactory:
 
 
 def _matches(pattern: str, value: str) -> bool:
-    if pattern.startswith("*") or pattern.endswith("*"):
-        return fnmatch.fnmatchcase(value, pattern)
+    """`*x` matches a suffix, `x*` a prefix, `*x*` a substring; nothing else is special."""
+    if len(pattern) > 1 and pattern.startswith("*") and pattern.endswith("*"):
+        return pattern[1:-1] in value
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
     return value == pattern
 
 
@@ -149,7 +170,7 @@ def passport_mismatch(cert, passport) -> str:
     """'' when the certificate's subject satisfies the passport, else what differs."""
     if not passport:
         return ""
-    subject = {k.decode(): v.decode("utf-8", "replace") for k, v in cert.get_subject().get_components()}
+    subject = dict(subject_attributes(cert))
     for attribute, pattern in passport.items():
         value = subject.get(attribute)
         if value is None or not _matches(pattern, value):

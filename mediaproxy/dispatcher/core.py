@@ -136,7 +136,9 @@ class Dispatcher:
 
     @defer.inlineCallbacks
     def _remove(self, remove: RemoveRequest, headers):
-        record = self.sessions.pop(remove.call_id, None)
+        # The record stays until the relay answered: a session whose relay is
+        # unreachable now is still matched when the relay reports it later.
+        record = self.sessions.get(remove.call_id)
         if record is None:
             log.warning("remove of unknown session %s", remove.call_id)
             return "error"
@@ -146,15 +148,32 @@ class Dispatcher:
             return "error"
         try:
             result = yield relay.send_command("remove", headers)
-            statistics = json.loads(result)
         except RelayError as e:
             log.error("session %s: remove failed: %s", remove.call_id, e)
             return "error"
+        if self.sessions.get(remove.call_id) is record:
+            del self.sessions[remove.call_id]
+        try:
+            statistics = json.loads(result)
         except ValueError:
+            statistics = None
+        if not isinstance(statistics, dict):
             log.error("session %s: relay %s answered remove with %r", remove.call_id, relay.ip, result[:80])
             return "error"
         self.session_ended(record, statistics, timed_out=False)
         return "removed"
+
+    def late_answer(self, link, command: str, headers, result: str) -> None:
+        """A relay answered a command after we gave up on it and moved on."""
+        if command != "update" or result in ("error", "halting") or not headers:
+            return
+        call_id = headers.get("call_id")
+        record = self.sessions.get(call_id)
+        if record is not None and record.relay_ip == link.ip:
+            return
+        log.warning("relay %s took session %s after it timed out: removing it there", link.ip, call_id)
+        tags = {name: headers[name] for name in ("call_id", "from_tag", "to_tag") if name in headers}
+        link.send_command("remove", tags).addErrback(lambda failure: None)
 
     def session_expired(self, link, statistics: dict) -> None:
         call_id = statistics["call_id"]

@@ -39,7 +39,11 @@ class OrderedReplies:
         def ready(data):
             slot[1], slot[2] = data, True
             self._flush()
-        deferred.addCallback(ready)
+
+        def failed(failure):
+            log.error("no answer could be made: %s", failure.getErrorMessage())
+            ready(None)
+        deferred.addCallbacks(ready, failed)
 
     def _flush(self):
         while self._queue and self._queue[0][2]:
@@ -69,9 +73,16 @@ class ProxyProtocol(Protocol):
                 log.warning("bad request from the proxy: %s", request)
                 self.replies.add(defer.succeed(encode_line("error")))
                 continue
-            deferred = self.dispatcher.proxy_request(request)
+            deferred = defer.maybeDeferred(self.dispatcher.proxy_request, request)
             deferred.addCallback(encode_line)
+            deferred.addErrback(self._failed, request)
             self.replies.add(deferred)
+
+    @staticmethod
+    def _failed(failure, request):
+        log.error("%s request (call_id %s) failed: %s: %s", request.command[:20], request.headers.get("call_id", "-"),
+                  failure.type.__name__, failure.getErrorMessage())
+        return encode_line("error")
 
     def connectionLost(self, reason):
         log.debug("proxy connection closed")
@@ -115,9 +126,16 @@ class ManagementProtocol(VerifiedPeerProtocol):
                 self.closing = True
                 self.replies.add_close()
                 return
-            deferred = self.dispatcher.management_command(command)
+            deferred = defer.maybeDeferred(self.dispatcher.management_command, command)
             deferred.addCallback(management.encode_answer)
+            deferred.addErrback(self._failed, command)
             self.replies.add(deferred)
+
+    @staticmethod
+    def _failed(failure, command):
+        log.error("management command %s failed: %s: %s", command[:20], failure.type.__name__,
+                  failure.getErrorMessage())
+        return management.ERROR
 
 
 class ManagementFactory(Factory):

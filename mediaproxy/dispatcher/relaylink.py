@@ -18,6 +18,7 @@ from mediaproxy.protocol.relaylink import PONG, Expired, LinkError, Ping, Reply,
 log = logging.getLogger("mediaproxy.dispatcher")
 
 MAX_RELAY_LINE = 16 * 1024 * 1024    # a `sessions` answer of a busy relay is one long line
+MAX_REMEMBERED_TIMEOUTS = 1024        # timed-out commands kept to recognise their late answers
 
 
 class RelayError(Exception):
@@ -41,6 +42,7 @@ class RelayLink(VerifiedPeerProtocol):
         self.recover_interval = recover_interval
         self.splitter = LineSplitter(MAX_RELAY_LINE)
         self.pending = {}
+        self.timed_out = {}                 # seq -> (command, headers) of commands that timed out
         self.seq = 0
         self.active = True
         self.halting = False
@@ -56,6 +58,8 @@ class RelayLink(VerifiedPeerProtocol):
         self.dispatcher.relay_connected(self)
 
     def dataReceived(self, data):
+        if not self.verified:
+            return
         for line in self.splitter.feed(data):
             if isinstance(line, FramingError):
                 log.warning("relay %s sent a bad line: %s", self.ip, line)
@@ -78,7 +82,11 @@ class RelayLink(VerifiedPeerProtocol):
     def _reply(self, reply: Reply):
         entry = self.pending.pop(reply.seq, None)
         if entry is None:
-            log.warning("relay %s answered unknown or timed out command %d", self.ip, reply.seq)
+            late = self.timed_out.pop(reply.seq, None)
+            if late is None:
+                log.warning("relay %s answered unknown command %d", self.ip, reply.seq)
+            else:
+                self.dispatcher.late_answer(self, late[0], late[1], reply.result)
             return
         deferred, timer = entry
         timer.cancel()
@@ -90,13 +98,16 @@ class RelayLink(VerifiedPeerProtocol):
         self.seq += 1
         seq = self.seq
         deferred = defer.Deferred()
-        timer = self.clock.callLater(self.timeout, self._timed_out, seq)
+        timer = self.clock.callLater(self.timeout, self._timed_out, seq, name, headers)
         self.pending[seq] = (deferred, timer)
         self.transport.write(encode_command(name, seq, headers or {}))
         return deferred
 
-    def _timed_out(self, seq):
+    def _timed_out(self, seq, name, headers):
         deferred, _ = self.pending.pop(seq)
+        self.timed_out[seq] = (name, headers)
+        if len(self.timed_out) > MAX_REMEMBERED_TIMEOUTS:
+            del self.timed_out[next(iter(self.timed_out))]
         if self.active:
             log.warning("relay %s did not answer within %s s: marked inactive", self.ip, self.timeout)
             self.active = False

@@ -14,8 +14,21 @@ MAX_HEADERS = 64
 MAX_REQUEST_SIZE = 65536
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 class FramingError(Exception):
-    """A request could not be read; it is answered with an error and skipped."""
+    """A request could not be read; it is answered with an error and skipped.
+
+    `command` is the request's command line when it was read, so that a
+    protocol with sequence numbers can still say which request failed.
+    """
+
+    def __init__(self, reason: str, command: str = None):
+        super().__init__(reason)
+        self.command = command
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,7 @@ class LineSplitter:
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:
-                if len(self._buffer) > self.max_line_length:
+                if len(self._buffer) > self.max_line_length + 1:     # +1: its \r may be there already
                     del self._buffer[:]
                     if not self._discarding:
                         self._discarding = True
@@ -137,7 +150,7 @@ class RequestReader:
         error, command, headers = self._error, self._command, self._headers
         self._command, self._headers, self._size, self._error = None, {}, 0, None
         if error is not None:
-            return error
+            return FramingError(str(error), command)
         return Request(command, headers)
 
 

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from mediaproxy.protocol.framing import is_number
+
 DIRECTIONS = frozenset(["sendrecv", "sendonly", "recvonly", "inactive"])
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 MAX_STREAMS = 32
@@ -68,7 +70,7 @@ def parse_stream(text: str) -> MediaDescription:
     ip = parse_ip(":".join(fields))
     if direction not in DIRECTIONS:
         raise MediaError("bad media direction %r" % direction[:20])
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not is_number(port_text) or not 0 <= int(port_text) <= 65535:
         raise MediaError("bad media port %r" % port_text[:20])
     return MediaDescription(media_type.lower(), ip, int(port_text), direction, parameters)
 

@@ -8,7 +8,7 @@ and the relay uses the same functions to act on them.
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from mediaproxy.protocol.framing import Request
+from mediaproxy.protocol.framing import Request, is_number
 from mediaproxy.protocol.media import MediaError, SignalingInfo, parse_ip, parse_media, parse_signaling_ip
 
 COMMANDS = frozenset(["update", "remove"])
@@ -63,8 +63,8 @@ def parse_update(headers: Mapping[str, str]) -> UpdateRequest:
     kind = _required(headers, "type").lower()
     if kind not in ("request", "reply"):
         raise RequestError("bad type %r" % kind[:20])
-    cseq_text = _required(headers, "cseq").split()[0]
-    if not cseq_text.isdigit() or int(cseq_text) > MAX_CSEQ:
+    cseq_text = (_required(headers, "cseq").split() or [""])[0]
+    if not is_number(cseq_text) or int(cseq_text) > MAX_CSEQ:
         raise RequestError("bad cseq %r" % cseq_text[:20])
     try:
         signaling = parse_signaling_ip(headers["signaling_ip"]) if "signaling_ip" in headers else None

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Mapping
 
-from mediaproxy.protocol.framing import Request, encode_line, encode_request
+from mediaproxy.protocol.framing import Request, encode_line, encode_request, is_number
 
 COMMANDS = frozenset(["update", "remove", "summary", "sessions"])
 PING = "ping"
@@ -53,7 +53,7 @@ def parse_command(request: Request) -> Command:
     name = name.lower()
     if name not in COMMANDS:
         raise LinkError("unknown command %r" % name[:40])
-    if not seq.strip().isdigit():
+    if not is_number(seq.strip()):
         raise LinkError("bad sequence number %r" % seq[:20])
     return Command(name, int(seq), request.headers)
 
@@ -79,6 +79,6 @@ def parse_relay_line(line: str):
         if not isinstance(statistics, dict) or not isinstance(statistics.get("call_id"), str):
             raise LinkError("expired without a session")
         return Expired(statistics)
-    if head.isdigit() and rest:
+    if is_number(head) and rest:
         return Reply(int(head), rest)
     raise LinkError("unexpected line %r" % line[:80])

@@ -17,7 +17,8 @@ from twisted.names import client, dns
 from twisted.names.error import DNSNameError, DNSServerError
 
 from mediaproxy.peer import VerifiedPeerProtocol
-from mediaproxy.protocol.framing import FramingError, Line, RequestReader, encode_line
+from mediaproxy.protocol.framing import (MAX_LINE_LENGTH, MAX_REQUEST_SIZE, FramingError, Line, RequestReader,
+                                         encode_line, is_number)
 from mediaproxy.protocol.relaylink import PING, PONG, LinkError, encode_expired, encode_reply, parse_command
 
 log = logging.getLogger("mediaproxy.relay")
@@ -32,7 +33,9 @@ class DispatcherLink(VerifiedPeerProtocol):
     def __init__(self, relay, keepalive_interval: float):
         self.relay = relay
         self.keepalive_interval = keepalive_interval
-        self.reader = RequestReader(single_lines=[PONG])
+        # Twice the proxy's limits: whatever the dispatcher accepted from the proxy fits here.
+        self.reader = RequestReader(single_lines=[PONG], max_line_length=2 * MAX_LINE_LENGTH,
+                                    max_request_size=2 * MAX_REQUEST_SIZE)
         self.unanswered_pings = 0
         self._ping_call = None
 
@@ -59,12 +62,18 @@ class DispatcherLink(VerifiedPeerProtocol):
                 self.unanswered_pings = 0
             elif isinstance(event, FramingError):
                 log.warning("dispatcher %s sent a bad request: %s", self.peer_ip, event)
+                seq = (event.command or "").partition(" ")[2].strip()
+                if is_number(seq):
+                    self.transport.write(encode_reply(int(seq), "error"))
             else:
                 self.unanswered_pings = 0
                 try:
                     command = parse_command(event)
                 except LinkError as e:
                     log.warning("dispatcher %s: %s", self.peer_ip, e)
+                    seq = event.command.partition(" ")[2].strip()
+                    if is_number(seq):
+                        self.transport.write(encode_reply(int(seq), "error"))
                     continue
                 result = self.relay.handle_command(self, command)
                 self.transport.write(encode_reply(command.seq, result))

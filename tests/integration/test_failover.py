@@ -82,8 +82,6 @@ def test_a_relay_that_stops_answering_is_bypassed(cluster):
     cluster.assert_alive()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the late answer of a timed-out `update` leaves an orphan session "
-                                       "on the relay that was silent (listed next to the real one, never removed)")
 def test_a_late_answer_leaves_no_orphan_session(cluster):
     cluster.start_dispatcher(relay_timeout=1)
     cluster.start_relays(RELAYS)

@@ -44,8 +44,6 @@ def test_a_relay_that_does_not_match_the_passport_is_refused(cluster, tmp_path):
     cluster.assert_alive()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a passport refusal is logged twice: 'refused relay ...: passport "
-                                       "mismatch' and then 'TLS connection ... failed before it was verified'")
 def test_a_passport_refusal_is_logged_once(cluster, tmp_path):
     cluster.start_dispatcher(passport="CN:relay*")
     certs = write_foreign_relay_certs(tmp_path / "intruder-tls", cluster.certs, cluster.certs.ca, cn="intruder")

@@ -202,14 +202,11 @@ def test_an_unreadable_config_ini_is_a_config_error(tmp_path):
         load_configuration(str(tmp_path), str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: management_passport's parser is the `passport` field object, "
-                                       "not the passport() function (name shadowed in the class body)")
 def test_the_management_passport():
     config = parse("[Dispatcher]\nmanagement_passport = O:AG Projects, CN:admin*\n")
     assert config.dispatcher.management_passport == {"O": "AG Projects", "CN": "admin*"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: positive_number('inf') raises OverflowError, not a ConfigError")
 def test_an_infinite_number_names_section_key_and_value():
     with pytest.raises(ConfigError, match=r"\[Dispatcher\] relay_timeout = 'inf'"):
         parse("[Dispatcher]\nrelay_timeout = inf\n")

@@ -63,7 +63,6 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_next_line_works():
     assert lines[1] == "café"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a line of exactly the limit is refused when its \\r arrives before its \\n")
 def test_a_line_of_exactly_the_limit_is_accepted_however_it_is_split():
     splitter = LineSplitter(max_line_length=10)
     assert splitter.feed(b"x" * 10 + b"\r") == []

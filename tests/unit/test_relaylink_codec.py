@@ -69,7 +69,6 @@ def test_expired_json_is_compact_and_valid():
     assert json.loads(line[len(b"expired "):]) == {"call_id": "c", "duration": 1.5}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: str.isdigit accepts '²' and int('²') raises a bare ValueError")
 @pytest.mark.parametrize("parse, value", [(parse_command, Request("update ²", {})),
                                           (parse_relay_line, "² error")], ids=["command", "reply"])
 def test_superscript_digits_are_link_errors(parse, value):

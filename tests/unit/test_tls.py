@@ -48,16 +48,12 @@ def test_a_file_that_is_not_pem_is_named(certs, broken):
         Credentials(str(certs.path), "relay")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: use_privatekey() raises a raw OpenSSL.SSL.Error ('key values "
-                                       "mismatch') before check_privatekey() can name the files")
 def test_a_key_that_does_not_match_the_certificate_fails_the_context(certs):
     os.replace(certs.path / "dispatcher.key", certs.path / "relay.key")
     with pytest.raises(TLSError, match="does not belong"):
         Credentials(str(certs.path), "relay").context()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a key not matching the certificate is only found when the first "
-                                       "TLS context is made, so the daemons start and fail every connection")
 def test_a_key_that_does_not_match_the_certificate_stops_loading(certs):
     os.replace(certs.path / "dispatcher.key", certs.path / "relay.key")
     with pytest.raises(TLSError, match="does not belong"):
@@ -157,8 +153,6 @@ def test_a_passport_attribute_the_subject_lacks_does_not_match(certs):
     assert "OU is None" in passport_mismatch(x509(certs.relay), {"OU": "EU"})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: passport patterns with a `*` are fnmatch patterns, so `?` and "
-                                       "`[...]` are wildcards too, not literal characters")
 def test_only_the_star_at_the_ends_is_a_wildcard(certs):
     issued = certs.ca.issue("r", cn="relay-a1", write=False)
     assert passport_mismatch(x509(issued), {"CN": "relay-?*"}) != ""
