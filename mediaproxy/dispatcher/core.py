@@ -98,13 +98,18 @@ class Dispatcher:
             return result
         return deferred.addBoth(release)
 
+    def _holding_relay(self, record: SessionRecord):
+        relay = self.relays.get(record.relay_ip)
+        if relay is None:
+            log.error("session %s: its relay %s is not connected", record.call_id, record.relay_ip)
+        return relay
+
     @defer.inlineCallbacks
     def _update(self, update: UpdateRequest, headers):
         record = self.sessions.get(update.call_id)
         if record is not None:
-            relay = self.relays.get(record.relay_ip)
+            relay = self._holding_relay(record)
             if relay is None:
-                log.error("session %s: its relay %s is not connected", update.call_id, record.relay_ip)
                 return "error"
             try:
                 result = yield relay.send_command("update", headers)
@@ -142,9 +147,8 @@ class Dispatcher:
         if record is None:
             log.warning("remove of unknown session %s", remove.call_id)
             return "error"
-        relay = self.relays.get(record.relay_ip)
+        relay = self._holding_relay(record)
         if relay is None:
-            log.error("session %s: its relay %s is not connected", remove.call_id, record.relay_ip)
             return "error"
         try:
             result = yield relay.send_command("remove", headers)
