@@ -132,6 +132,22 @@ def parse_accounting_list(text: str) -> tuple:
     return backends
 
 
+def parse_choice(*choices):
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of %s" % ", ".join(choices))
+        return value
+    return parse
+
+
+def parse_mark(text: str) -> int:
+    value = int(text.strip(), 0)
+    if not 0 < value < 2 ** 32:
+        raise ValueError("expected a number from 1 to 0xffffffff")
+    return value
+
+
 def parse_log_level(text: str) -> int:
     try:
         return LOG_LEVELS[text.strip().lower()]
@@ -179,6 +195,8 @@ class RelayConfig:
     reconnect_delay: float = option(parse_positive_number, 10)
     passport: Optional[dict] = option(parse_passport, None)
     routable_private_ranges: tuple = option(parse_network_list, ())
+    kernel_forwarding: str = option(parse_choice("auto", "yes", "no"), "auto")
+    conntrack_mark: int = option(parse_mark, 0x4D50)
     log_level: int = option(parse_log_level, logging.INFO)
 
 

@@ -14,7 +14,7 @@ from mediaproxy.relay.forwarding import Forwarding, PortUnavailable
 from mediaproxy.relay.ports import PortPool, PortsExhausted
 from mediaproxy.relay.session import Session
 from mediaproxy.relay.statistics import relay_summary, session_statistics
-from mediaproxy.relay.streams import CALLEE, CALLER, MediaStream, RTCP, RTP
+from mediaproxy.relay.streams import CALLEE, CALLER, MediaStream
 
 log = logging.getLogger("mediaproxy.relay")
 
@@ -48,6 +48,7 @@ class RelayCore:
         if command == "summary":
             return json.dumps(self.summary(now))
         if command == "sessions":
+            self.forwarding.refresh_counters()
             return json.dumps([session_statistics(s, self.advertised_ip, now) for s in self.sessions.values()
                                if owner is None or s.owner == owner])
         return "error"
@@ -96,7 +97,28 @@ class RelayCore:
         return json.dumps(session_statistics(session, self.advertised_ip, now))
 
     def summary(self, now: float) -> dict:
-        return relay_summary(self, now)
+        summary = relay_summary(self, now)
+        summary.update(self.forwarding.status())
+        return summary
+
+    def stream_expired(self, stream: MediaStream, status: str, timeout_wait: int, now: float):
+        """A stream ended by itself (no traffic).
+
+        When it was the session's last stream, the session ends too: returns
+        (the dispatcher that owns it, its statistics) for the `expired` report.
+        """
+        session = self.sessions.get(stream.call_id)
+        if session is None or stream.ended:
+            return None
+        stream.timeout_wait = timeout_wait
+        self.close_stream(stream, status, now)
+        log.info("session %s: %s stream ended: %s", session.call_id, stream.media_type, status)
+        if session.active_streams:
+            return None
+        del self.sessions[session.call_id]
+        session.close(self, now)
+        log.info("session %s expired", session.call_id)
+        return session.owner, session_statistics(session, self.advertised_ip, now)
 
     def close_all(self, now: float) -> None:
         for session in self.sessions.values():
@@ -107,6 +129,7 @@ class RelayCore:
 
     def sample_traffic(self, now: float) -> int:
         """Bits per second relayed since the previous sample."""
+        self.forwarding.refresh_counters()
         total = self._closed_bytes + sum(self._stream_bytes(stream)
                                          for session in self.sessions.values()
                                          for stream in session.active_streams)
@@ -118,12 +141,13 @@ class RelayCore:
 
     @staticmethod
     def _stream_bytes(stream: MediaStream) -> int:
-        return sum(leg.bytes[RTP] + leg.bytes[RTCP] for leg in stream.legs.values())
+        return sum(leg.byte_count for leg in stream.legs.values())
 
     # StreamAllocator, used by Session.
 
     def open_stream(self, media_type: str, now: float) -> MediaStream:
         stream = MediaStream(media_type, 0, 0, now, self.routable)
+        stream.listener = self.forwarding
         bound = []
         try:
             for party in (CALLER, CALLEE):

@@ -10,6 +10,8 @@ in-memory one below for tests.
 
 from typing import Callable, Optional, Protocol, Tuple
 
+from mediaproxy.relay.streams import StreamListener
+
 Address = Tuple[str, int]
 Receiver = Callable[[int, Address, bytes, float], Optional[Tuple[int, Address]]]
 
@@ -19,14 +21,26 @@ class PortUnavailable(Exception):
 
 
 class Forwarding(Protocol):
+    """Also a StreamListener: told when sub-streams latch, to hand them to the kernel."""
+
     def open(self, port: int, receiver: Receiver) -> None:
         """Bind the pair port/port+1 and deliver its packets to receiver; raises PortUnavailable."""
 
     def close(self, port: int) -> None:
-        """Release the pair; unknown ports are ignored."""
+        """Release the pair (and whatever the kernel forwards for it); unknown ports are ignored."""
+
+    def latched(self, stream, component: int) -> None: ...
+
+    def unlatched(self, stream) -> None: ...
+
+    def refresh_counters(self) -> None:
+        """Bring the streams' kernel counters up to date."""
+
+    def status(self) -> dict:
+        """What the relay's summary says of its forwarding."""
 
 
-class MemoryForwarding:
+class MemoryForwarding(StreamListener):
     """Forwarding without sockets, for tests: `deliver` plays a packet, `sent` records the output."""
 
     def __init__(self, unavailable=()):
@@ -41,6 +55,12 @@ class MemoryForwarding:
 
     def close(self, port: int) -> None:
         self.receivers.pop(port, None)
+
+    def refresh_counters(self) -> None:
+        pass
+
+    def status(self) -> dict:
+        return {"forwarding": "memory"}
 
     def deliver(self, local_port: int, source: Address, data: bytes, now: float = 0.0):
         """A packet arrives on local_port (even: RTP, odd: RTCP); returns what was sent or None."""

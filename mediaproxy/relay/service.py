@@ -8,6 +8,8 @@ from twisted.application import internet, service
 
 from mediaproxy.relay.core import RelayCore
 from mediaproxy.relay.dispatchers import DispatcherLinkFactory, DispatcherPool
+from mediaproxy.relay.kernel.forwarding import KernelForwarding
+from mediaproxy.relay.kernel.setup import KernelUnavailable, start_kernel_path
 from mediaproxy.relay.ports import PortPool
 from mediaproxy.relay.userspace import UserspaceForwarding
 from mediaproxy.tls import ContextFactory, Credentials
@@ -49,7 +51,7 @@ class RelayService(service.MultiService):
             raise StartupError("no dispatchers to connect to: set [Relay] dispatchers")
         self.relay_ip = config.relay_ip or default_route_ip()
         advertised_ip = config.advertised_ip or self.relay_ip
-        self.forwarding = UserspaceForwarding(self.relay_ip, reactor)
+        self.forwarding = self._make_forwarding(config, reactor)
         self.core = RelayCore(advertised_ip, PortPool(*config.port_range), self.forwarding, reactor.seconds(),
                               routable_predicate(config.routable_private_ranges))
         self.links = set()
@@ -62,6 +64,34 @@ class RelayService(service.MultiService):
         sampler = internet.TimerService(config.traffic_sampling_period, self._sample_traffic)
         sampler.clock = reactor
         sampler.setServiceParent(self)
+
+    def _make_forwarding(self, config, reactor):
+        if config.kernel_forwarding == "no":
+            log.info("kernel forwarding is off (kernel_forwarding = no): media is relayed in user space")
+            return UserspaceForwarding(self.relay_ip, reactor)
+        try:
+            table, events = start_kernel_path(self.relay_ip, config.conntrack_mark, config.port_range)
+        except KernelUnavailable as e:
+            if config.kernel_forwarding == "yes":
+                raise StartupError("the kernel path is required (kernel_forwarding = yes) but %s" % e) from None
+            log.warning("kernel forwarding unavailable, media is relayed in user space: %s", e)
+            return UserspaceForwarding(self.relay_ip, reactor)
+        log.info("kernel forwarding on: running streams are relayed by conntrack (mark %#x)", config.conntrack_mark)
+        forwarding = KernelForwarding(self.relay_ip, reactor, table, events)
+        forwarding.on_expired = self._stream_expired
+        return forwarding
+
+    def _stream_expired(self, stream, status, timeout_wait):
+        expired = self.core.stream_expired(stream, status, timeout_wait, self.reactor.seconds())
+        if expired is None:
+            return
+        owner_ip, statistics = expired
+        owner = next((link for link in self.links if link.peer_ip == owner_ip), None)
+        if owner is None:
+            log.warning("session %s expired while its dispatcher %s is not connected", statistics["call_id"], owner_ip)
+            return
+        owner.send_expired(statistics)
+        self._stop_if_done()
 
     def startService(self):
         super().startService()
@@ -82,10 +112,13 @@ class RelayService(service.MultiService):
 
     def handle_command(self, link, command) -> str:
         result = self.core.handle(command.name, command.headers, self.reactor.seconds(), owner=link.peer_ip)
+        self._stop_if_done()
+        return result
+
+    def _stop_if_done(self):
         if self.core.halting and not self.core.sessions:
             log.info("the last session has ended: stopping")
             self.reactor.callLater(0, self._stop_reactor)
-        return result
 
     # Shutdown.
 
@@ -107,4 +140,6 @@ class RelayService(service.MultiService):
 
     def stopService(self):
         self.core.close_all(self.reactor.seconds())
+        if isinstance(self.forwarding, KernelForwarding):
+            self.forwarding.stop()
         return super().stopService()

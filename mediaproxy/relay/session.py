@@ -122,6 +122,7 @@ class Session:
                 stream = None if media.disabled else self._match(index, media, offerer, matched)
                 if stream is None and not media.disabled:
                     stream = allocator.open_stream(media.media_type, now)
+                    stream.call_id = self.call_id
                     opened.append(stream)
                 matched.append(stream)
         except Exception:
@@ -134,7 +135,7 @@ class Session:
                 allocator.close_stream(stream, "closed", now)
         for stream, media in zip(matched, media_list):
             if stream is not None:
-                stream.leg(offerer).describe(media)
+                stream.describe(offerer, media)
         self.all_streams.extend(opened)
         self.streams = matched
 
@@ -146,7 +147,7 @@ class Session:
                 allocator.close_stream(stream, "rejected", now)
                 self.streams[index] = None
             else:
-                stream.leg(answerer).describe(media_list[index])
+                stream.describe(answerer, media_list[index])
         if self.start_time is None:
             self.start_time = now
 

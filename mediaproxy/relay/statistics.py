@@ -3,7 +3,7 @@
 
 from collections import Counter
 
-from mediaproxy.relay.streams import CALLEE, CALLER, RTCP, RTP
+from mediaproxy.relay.streams import CALLEE, CALLER, RTP
 
 
 def _address(address) -> str:
@@ -29,10 +29,10 @@ def stream_statistics(stream, session, advertised_ip: str, now: float) -> dict:
         "start_time": round(max(stream.created - base, 0.0), 3),
         "end_time": round(max(end - base, 0.0), 3),
         "post_dial_delay": post_dial_delay,
-        "caller_bytes": caller.bytes[RTP] + caller.bytes[RTCP],
-        "callee_bytes": callee.bytes[RTP] + callee.bytes[RTCP],
-        "caller_packets": caller.packets[RTP] + caller.packets[RTCP],
-        "callee_packets": callee.packets[RTP] + callee.packets[RTCP],
+        "caller_bytes": caller.byte_count,
+        "callee_bytes": callee.byte_count,
+        "caller_packets": caller.packet_count,
+        "callee_packets": callee.packet_count,
         "caller_local": "%s:%d" % (advertised_ip, caller.port),
         "callee_local": "%s:%d" % (advertised_ip, callee.port),
         "caller_remote": _address(caller.latched[RTP] or caller.sdp_address),

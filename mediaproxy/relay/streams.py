@@ -24,15 +24,17 @@ def other_party(party: str) -> str:
 class Leg:
     """The relay's port pair facing one party, and what it learnt of that party."""
 
-    __slots__ = ("port", "sdp_address", "latched", "packets", "bytes", "dropped", "codec",
-                 "on_hold", "ice", "first_packet_time")
+    __slots__ = ("port", "sdp_address", "latched", "packets", "bytes", "kernel_packets", "kernel_bytes",
+                 "dropped", "codec", "on_hold", "ice", "first_packet_time")
 
     def __init__(self, port: int):
         self.port = port
         self.sdp_address = None           # (ip, port) the party announced in its SDP
         self.latched = [None, None]       # real (ip, port) per component, from its first packet
-        self.packets = [0, 0]             # received from the party, per component
+        self.packets = [0, 0]             # received from the party in user space, per component
         self.bytes = [0, 0]
+        self.kernel_packets = [0, 0]      # forwarded from the party by the kernel, per component
+        self.kernel_bytes = [0, 0]
         self.dropped = 0                  # packets from addresses other than the latched one
         self.codec = None
         self.on_hold = False
@@ -41,6 +43,14 @@ class Leg:
 
     def reset_latch(self):
         self.latched = [None, None]
+
+    @property
+    def packet_count(self) -> int:
+        return sum(self.packets) + sum(self.kernel_packets)
+
+    @property
+    def byte_count(self) -> int:
+        return sum(self.bytes) + sum(self.kernel_bytes)
 
     def describe(self, media: MediaDescription) -> bool:
         """Take the party's SDP for this stream; True when its address changed (re-latch needed)."""
@@ -56,12 +66,25 @@ class Leg:
         return changed
 
 
+class StreamListener:
+    """Told of the latching events of streams (the forwarding uses them for the kernel path)."""
+
+    def latched(self, stream: "MediaStream", component: int) -> None:
+        """Both parties of a sub-stream (RTP or RTCP) are latched."""
+
+    def unlatched(self, stream: "MediaStream") -> None:
+        """A party's address changed: its latch is gone."""
+
+
 class MediaStream:
     """One m-line of the call, relayed between a caller leg and a callee leg."""
+
+    listener = StreamListener()
 
     def __init__(self, media_type: str, caller_port: int, callee_port: int, now: float,
                  routable: Callable[[str], bool] = lambda ip: True):
         self.media_type = media_type
+        self.call_id = None
         self.legs = {CALLER: Leg(caller_port), CALLEE: Leg(callee_port)}
         self.created = now
         self.first_media_time = None
@@ -95,6 +118,11 @@ class MediaStream:
     def is_latched(self, component: int) -> bool:
         return all(leg.latched[component] is not None for leg in self.legs.values())
 
+    def describe(self, party: str, media: MediaDescription) -> None:
+        """Take `party`'s SDP for this stream; a changed address undoes its latch."""
+        if self.legs[party].describe(media):
+            self.listener.unlatched(self)
+
     def on_packet(self, party: str, component: int, source, data: bytes, now: float):
         """A packet from `party`'s side: where to send it, as (out_port, destination), or None to drop."""
         if self.end_time is not None:
@@ -103,6 +131,8 @@ class MediaStream:
         latched = leg.latched[component]
         if latched is None:
             leg.latched[component] = latched = source
+            if self.legs[other_party(party)].latched[component] is not None:
+                self.listener.latched(self, component)
         elif latched != source:
             leg.dropped += 1
             return None

@@ -11,6 +11,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 
 from mediaproxy.relay.forwarding import PortUnavailable
+from mediaproxy.relay.streams import StreamListener
 
 log = logging.getLogger("mediaproxy.relay")
 
@@ -28,6 +29,10 @@ class MediaSocket(DatagramProtocol):
         result = self.receiver(self.component, address[:2], data, forwarding.clock.seconds())
         if result is not None:
             out_port, destination = result
+            if out_port in forwarding.kernel_ports:
+                # Left in the socket from before the hand-over: sent now it would not be
+                # NATed like the kernel's packets but leave from another source port.
+                return
             out = forwarding.sockets.get(out_port)
             if out is not None:
                 forwarding.packets_forwarded += 1
@@ -37,12 +42,13 @@ class MediaSocket(DatagramProtocol):
                     log.debug("cannot send to %s:%d: %s", destination[0], destination[1], e)
 
 
-class UserspaceForwarding:
+class UserspaceForwarding(StreamListener):
     def __init__(self, ip: str, reactor):
         self.ip = ip
         self.clock = reactor
         self.reactor = reactor
         self.sockets = {}            # port -> listening transport (both ports of each pair)
+        self.kernel_ports = frozenset()   # ports whose packets the kernel relays (see KernelForwarding)
         self.packets_forwarded = 0
 
     def open(self, port: int, receiver) -> None:
@@ -63,3 +69,9 @@ class UserspaceForwarding:
             listening = self.sockets.pop(p, None)
             if listening is not None:
                 listening.stopListening()
+
+    def refresh_counters(self) -> None:
+        pass
+
+    def status(self) -> dict:
+        return {"forwarding": "userspace", "userspace_packets": self.packets_forwarded}

@@ -19,6 +19,8 @@ STREAM_KEYS = {"media_type", "status", "timeout_wait", "caller_codec", "callee_c
                "post_dial_delay", "caller_bytes", "callee_bytes", "caller_packets", "callee_packets",
                "caller_local", "callee_local", "caller_remote", "callee_remote"}
 SUMMARY_KEYS = {"ip", "version", "status", "uptime", "session_count", "stream_count", "bps_relayed"}
+# Beyond SPEC §5: how the relay forwards (the in-memory forwarding of these tests says "memory").
+FORWARDING = {"forwarding": "memory"}
 
 
 def rtp(payload_type, payload=160):
@@ -132,10 +134,11 @@ def test_the_summary(relay):
     relay.update(other, 1001.0)
     summary = json.loads(relay.handle("summary", {}, 1234.9))
     assert summary == {"ip": RELAY_IP, "version": "9.8.7", "status": "active", "uptime": 334,
-                       "session_count": 2, "stream_count": {"audio": 2, "video": 1}, "bps_relayed": 0}
-    assert set(summary) == SUMMARY_KEYS
+                       "session_count": 2, "stream_count": {"audio": 2, "video": 1}, "bps_relayed": 0,
+                       **FORWARDING}
+    assert set(summary) == SUMMARY_KEYS | set(FORWARDING)
 
 
 def test_the_summary_of_an_idle_relay(relay):
     assert relay.summary(900.0) == {"ip": RELAY_IP, "version": "9.8.7", "status": "active", "uptime": 0,
-                                    "session_count": 0, "stream_count": {}, "bps_relayed": 0}
+                                    "session_count": 0, "stream_count": {}, "bps_relayed": 0, **FORWARDING}

@@ -1,0 +1,199 @@
+"""The relay's conntrack entries: one NAT entry per latched sub-stream.
+
+A sub-stream (the RTP or the RTCP of a stream) whose two parties are
+latched is handed to the kernel: the entry's original tuple is
+caller -> relay:A, with DNAT to the callee's address and SNAT to relay:B,
+so the kernel relays both directions. Entries carry the relay's mark.
+
+Hand-overs are batched: the ones asked for in one reactor turn get their
+inhibitor rules in one commit, their old entries deleted and new entries
+created in one netlink batch, and the rules removed in one commit.
+"""
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from mediaproxy.relay.kernel import ctnetlink
+from mediaproxy.relay.kernel.ctnetlink import Tuple5
+from mediaproxy.relay.streams import CALLEE, CALLER, RTP
+
+log = logging.getLogger("mediaproxy.relay")
+
+UDP_STREAM_TIMEOUT = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream"
+IPV4_UDP_HEADERS = 28
+
+
+def udp_stream_timeout() -> int:
+    """How long the kernel keeps a running UDP entry without traffic."""
+    try:
+        with open(UDP_STREAM_TIMEOUT) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 120
+
+
+@dataclass(eq=False)
+class KernelEntry:
+    stream: object
+    component: int
+    orig: Tuple5              # caller -> relay:A (+component)
+    callee: tuple             # where the kernel sends the caller's packets
+    relay_b: tuple            # from where
+
+
+def entry_for(stream, component: int, relay_ip: str) -> KernelEntry:
+    caller, callee = stream.leg(CALLER), stream.leg(CALLEE)
+    caller_ip, caller_port = caller.latched[component]
+    orig = Tuple5(caller_ip, relay_ip, caller_port, caller.port + component)
+    return KernelEntry(stream, component, orig, callee.latched[component], (relay_ip, callee.port + component))
+
+
+class ConntrackTable:
+    """What of the kernel's conntrack table is ours, and the batched changes to it."""
+
+    def __init__(self, netlink, iptables, relay_ip: str, mark: int):
+        self.netlink = netlink
+        self.iptables = iptables
+        self.relay_ip = relay_ip
+        self.mark = mark
+        self.by_orig = {}             # orig Tuple5 -> KernelEntry
+        self.by_port = {}             # relay port (even, either leg) -> set of KernelEntry
+        self.kernel_ports = set()     # relay ports (RTP or RTCP, both legs) whose packets the kernel relays
+
+    def __len__(self):
+        return len(self.by_orig)
+
+    def remove_leftovers(self, port_range) -> int:
+        """Delete what an earlier run left: entries with our mark, and the user-space
+        path's entries of our ports (with the same ports reused they would clash
+        with the new calls' entries and make the kernel rewrite their ports)."""
+        low, high = port_range
+
+        def ours(entry):
+            if entry.mark == self.mark:
+                return True
+            flow = entry.orig
+            return flow is not None and entry.proto == socket.IPPROTO_UDP and ((flow.dst == self.relay_ip and low <= flow.dport < high)
+                                         or (flow.src == self.relay_ip and low <= flow.sport < high))
+        requests = []
+        for entry in self.netlink.dump(None):
+            if ours(entry):
+                seq = self.netlink.next_seq()
+                requests.append((seq, ctnetlink.encode_delete(seq, entry.orig)))
+        self.netlink.transact(requests)
+        self.by_orig.clear()
+        self.by_port.clear()
+        self.kernel_ports.clear()
+        return len(requests)
+
+    def install(self, entries) -> list:
+        """Hand these sub-streams to the kernel; returns the ones that were installed."""
+        if not entries:
+            return []
+        incoming = []
+        for entry in entries:
+            incoming.append(entry.orig)
+            callee_ip, callee_port = entry.callee
+            incoming.append(Tuple5(callee_ip, self.relay_ip, callee_port, entry.relay_b[1]))
+        rules = self.iptables.hold(incoming)
+        try:
+            requests, creates = [], {}
+            for entry, callee_flow in zip(entries, incoming[1::2]):
+                for flow in (entry.orig, callee_flow):          # the entries of the user-space path
+                    seq = self.netlink.next_seq()
+                    requests.append((seq, ctnetlink.encode_delete(seq, flow)))
+            timeout = udp_stream_timeout()
+            for entry in entries:
+                seq = self.netlink.next_seq()
+                requests.append((seq, ctnetlink.encode_nat_entry4(seq, entry.orig, entry.callee, entry.relay_b,
+                                                                  timeout, self.mark)))
+                creates[seq] = entry
+            errors = self.netlink.transact(requests)["errors"]
+        finally:
+            self.iptables.release(rules)
+        installed = []
+        for seq, entry in creates.items():
+            error = errors.get(seq)
+            if error:
+                log.warning("session %s: the kernel refused the %s entry %s: %s", entry.stream.call_id,
+                            "RTP" if entry.component == RTP else "RTCP", entry.orig, os.strerror(error))
+                continue
+            self.by_orig[entry.orig] = entry
+            for leg in entry.stream.legs.values():
+                self.by_port.setdefault(leg.port, set()).add(entry)
+                self.kernel_ports.add(leg.port + entry.component)
+            installed.append(entry)
+        return installed
+
+    def remove_port(self, port: int) -> list:
+        """Remove the entries of the streams on this port, counting their last packets first."""
+        entries = self.by_port.pop(port, set())
+        if not entries:
+            return []
+        requests, gets = [], {}
+        for entry in entries:
+            self._forget(entry)
+            seq = self.netlink.next_seq()
+            requests.append((seq, ctnetlink.encode_get(seq, entry.orig)))
+            gets[seq] = entry
+        for entry in entries:
+            seq = self.netlink.next_seq()
+            requests.append((seq, ctnetlink.encode_delete(seq, entry.orig)))
+        found = self.netlink.transact(requests)["entries"]
+        for seq, entry in gets.items():
+            if seq in found:
+                self.count(entry, found[seq])
+            self.fold(entry)
+        return list(entries)
+
+    def _forget(self, entry: KernelEntry) -> None:
+        self.by_orig.pop(entry.orig, None)
+        for leg in entry.stream.legs.values():
+            self.kernel_ports.discard(leg.port + entry.component)
+            ports = self.by_port.get(leg.port)
+            if ports is not None:
+                ports.discard(entry)
+                if not ports:
+                    del self.by_port[leg.port]
+
+    def ended(self, entry: KernelEntry, kernel_entry=None) -> None:
+        """The kernel destroyed the entry by itself; kernel_entry carries its last counters."""
+        self._forget(entry)
+        if kernel_entry is not None:
+            self.count(entry, kernel_entry)
+        self.fold(entry)
+
+    @staticmethod
+    def fold(entry: KernelEntry) -> None:
+        """An entry is gone: what it counted becomes part of the legs' settled counts."""
+        c = entry.component
+        for leg in entry.stream.legs.values():
+            leg.packets[c] += leg.kernel_packets[c]
+            leg.bytes[c] += leg.kernel_bytes[c]
+            leg.kernel_packets[c] = leg.kernel_bytes[c] = 0
+
+    @staticmethod
+    def count(entry: KernelEntry, kernel_entry) -> None:
+        """The kernel's counters of an entry, into the stream's legs.
+
+        The kernel counts IP packets; like user space we count UDP payload,
+        so the IPv4 and UDP headers (28 bytes a packet) come off.
+        """
+        caller, callee = entry.stream.leg(CALLER), entry.stream.leg(CALLEE)
+        c = entry.component
+        caller.kernel_packets[c] = kernel_entry.orig_packets
+        caller.kernel_bytes[c] = kernel_entry.orig_bytes - IPV4_UDP_HEADERS * kernel_entry.orig_packets
+        callee.kernel_packets[c] = kernel_entry.reply_packets
+        callee.kernel_bytes[c] = kernel_entry.reply_bytes - IPV4_UDP_HEADERS * kernel_entry.reply_packets
+
+    def refresh_counters(self) -> set:
+        """Read every entry of ours; returns the ones the kernel no longer has."""
+        seen = set()
+        for kernel_entry in self.netlink.dump(self.mark):
+            entry = self.by_orig.get(kernel_entry.orig)
+            if entry is not None:
+                self.count(entry, kernel_entry)
+                seen.add(kernel_entry.orig)
+        return {entry for orig, entry in self.by_orig.items() if orig not in seen}

@@ -1,0 +1,135 @@
+"""Kernel forwarding: user space for the first packets, conntrack for the rest.
+
+The same sockets as user-space forwarding catch the first packets of every
+party (that is how latching works); once both parties of a sub-stream are
+latched, its packets are relayed by a conntrack NAT entry and never reach
+Python again. Destroy events of those entries end their streams.
+"""
+
+import logging
+
+from twisted.internet.interfaces import IReadDescriptor
+from zope.interface import implementer
+
+from mediaproxy.relay.kernel.conntrack import ConntrackTable, entry_for, udp_stream_timeout
+from mediaproxy.relay.kernel.iptables import IptablesError
+from mediaproxy.relay.kernel.netlink import EventSocket, NetlinkError
+from mediaproxy.relay.streams import CALLER, RTP
+from mediaproxy.relay.userspace import UserspaceForwarding
+
+log = logging.getLogger("mediaproxy.relay")
+
+CONNTRACK_TIMEOUT = "conntrack timeout"
+
+
+@implementer(IReadDescriptor)
+class _EventReader:
+    def __init__(self, events: EventSocket, callback):
+        self.events = events
+        self.callback = callback
+
+    def fileno(self):
+        return self.events.fileno()
+
+    def doRead(self):
+        entries, overflowed = self.events.read()
+        self.callback(entries, overflowed)
+
+    def connectionLost(self, reason):
+        pass
+
+    def logPrefix(self):
+        return "conntrack-events"
+
+
+class KernelForwarding(UserspaceForwarding):
+    def __init__(self, ip: str, reactor, table: ConntrackTable, events: EventSocket):
+        super().__init__(ip, reactor)
+        self.table = table
+        self.kernel_ports = table.kernel_ports
+        self.events = events
+        self.on_expired = lambda stream, status, timeout_wait: None     # set by the relay service
+        self._pending = {}
+        self._handover_call = None
+        self._reader = _EventReader(events, self._destroyed)
+        reactor.addReader(self._reader)
+
+    def stop(self) -> None:
+        self.reactor.removeReader(self._reader)
+        self.events.close()
+
+    # StreamListener
+
+    def latched(self, stream, component: int) -> None:
+        self._pending[(id(stream), component)] = (stream, component)
+        if self._handover_call is None:
+            self._handover_call = self.reactor.callLater(0, self._hand_over)
+
+    def unlatched(self, stream) -> None:
+        if self.table.remove_port(stream.leg(CALLER).port):
+            log.info("session %s: a party moved, its %s stream is relayed in user space until it latches again",
+                     stream.call_id, stream.media_type)
+
+    def _hand_over(self) -> None:
+        self._handover_call = None
+        pending, self._pending = list(self._pending.values()), {}
+        entries = []
+        for stream, component in pending:
+            if stream.ended or not stream.is_latched(component):
+                continue
+            entry = entry_for(stream, component, self.ip)
+            if entry.orig not in self.table.by_orig:
+                entries.append(entry)
+        try:
+            installed = self.table.install(entries)
+        except (NetlinkError, IptablesError, OSError) as e:
+            log.error("could not hand %d sub-streams to the kernel, they stay in user space: %s", len(entries), e)
+            return
+        for entry in installed:
+            log.debug("session %s: %s %s relayed by the kernel", entry.stream.call_id, entry.stream.media_type,
+                      "RTP" if entry.component == RTP else "RTCP")
+
+    # Forwarding
+
+    def close(self, port: int) -> None:
+        try:
+            self.table.remove_port(port)
+        except (NetlinkError, OSError) as e:
+            log.error("could not remove the kernel entries of port %d: %s", port, e)
+        super().close(port)
+
+    def refresh_counters(self) -> None:
+        try:
+            self.table.refresh_counters()
+        except (NetlinkError, OSError) as e:
+            log.error("could not read the kernel's counters: %s", e)
+
+    def status(self) -> dict:
+        return {"forwarding": "kernel", "userspace_packets": self.packets_forwarded,
+                "kernel_entries": len(self.table)}
+
+    # Destroy events
+
+    def _destroyed(self, kernel_entries, overflowed: bool) -> None:
+        ended = []
+        for kernel_entry in kernel_entries:
+            if kernel_entry.mark != self.table.mark:
+                continue
+            entry = self.table.by_orig.get(kernel_entry.orig)
+            if entry is not None:
+                self.table.ended(entry, kernel_entry)
+                ended.append(entry)
+        if overflowed:
+            log.warning("conntrack events were lost (too many at once): reading the table instead")
+            try:
+                for entry in self.table.refresh_counters():
+                    self.table.ended(entry)
+                    ended.append(entry)
+            except (NetlinkError, OSError) as e:
+                log.error("could not read the kernel's conntrack table: %s", e)
+        if not ended:
+            return
+        timeout_wait = udp_stream_timeout()
+        for entry in ended:
+            if entry.component == RTP:
+                self.on_expired(entry.stream, CONNTRACK_TIMEOUT, timeout_wait)

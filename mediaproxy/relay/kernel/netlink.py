@@ -1,0 +1,129 @@
+"""Netlink sockets to the kernel's connection tracking.
+
+ConntrackSocket sends requests in batches (many messages in one send, the
+acknowledgements read back together) and dumps entries by mark; it blocks
+for at most a few milliseconds per batch. EventSocket receives destroy
+events without blocking, for the reactor to read.
+"""
+
+import errno
+import itertools
+import socket
+
+from mediaproxy.relay.kernel import ctnetlink
+from mediaproxy.relay.kernel.ctnetlink import Ack, Done, Entry
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10           # acknowledgements without a copy of the request
+SO_RCVBUFFORCE = 33
+BATCH_BYTES = 60000            # one send: comfortably below the socket's send buffer
+RECEIVE_SIZE = 1 << 20
+EVENT_BUFFER = 16 << 20        # destroy events of thousands of entries at once (FIELD-NOTES 9)
+
+
+class NetlinkError(OSError):
+    pass
+
+
+def _open(groups: int = 0, receive_buffer: int = 4 << 20) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    except OSError:
+        pass
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.bind((0, groups))
+    return sock
+
+
+class ConntrackSocket:
+    def __init__(self, timeout: float = 2.0):
+        self.sock = _open()
+        self.sock.settimeout(timeout)
+        self._seq = itertools.count(1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def next_seq(self) -> int:
+        return next(self._seq) & 0xFFFFFFFF or next(self._seq)
+
+    def transact(self, requests) -> dict:
+        """Send (seq, message) pairs in batches; returns {seq: errno} (0 = done) and Entries of gets by seq."""
+        results, entries = {}, {}
+        batch, waiting, size = [], set(), 0
+        for seq, message in requests:
+            if size + len(message) > BATCH_BYTES and batch:
+                self._send_and_collect(batch, waiting, results, entries)
+                batch, waiting, size = [], set(), 0
+            batch.append(message)
+            waiting.add(seq)
+            size += len(message)
+        if batch:
+            self._send_and_collect(batch, waiting, results, entries)
+        return {"errors": results, "entries": entries}
+
+    def _send_and_collect(self, batch, waiting, results, entries) -> None:
+        self.sock.send(b"".join(batch))
+        while waiting:
+            try:
+                data = self.sock.recv(RECEIVE_SIZE)
+            except socket.timeout:
+                raise NetlinkError(errno.ETIMEDOUT, "the kernel did not answer %d conntrack requests" % len(waiting))
+            for message in ctnetlink.decode_messages(data):
+                if isinstance(message, Ack):
+                    results[message.seq] = message.errno
+                    waiting.discard(message.seq)
+                elif isinstance(message, Entry):
+                    entries[message.seq] = message
+
+    def dump(self, mark, family: int = socket.AF_INET) -> list:
+        """Every entry with `mark` (every entry for None), counters included."""
+        seq = self.next_seq()
+        self.sock.send(ctnetlink.encode_dump(seq, mark, family))
+        found = []
+        while True:
+            try:
+                data = self.sock.recv(RECEIVE_SIZE)
+            except socket.timeout:
+                raise NetlinkError(errno.ETIMEDOUT, "the kernel did not finish the conntrack dump")
+            for message in ctnetlink.decode_messages(data):
+                if isinstance(message, Entry) and message.seq == seq:
+                    found.append(message)
+                elif isinstance(message, Done) and message.seq == seq:
+                    return found
+                elif isinstance(message, Ack) and message.seq == seq and message.errno:
+                    raise NetlinkError(message.errno, "conntrack dump refused")
+
+
+class EventSocket:
+    """Destroy events of conntrack entries, read without blocking."""
+
+    def __init__(self):
+        self.sock = _open(groups=1 << (ctnetlink.NFNLGRP_CONNTRACK_DESTROY - 1), receive_buffer=EVENT_BUFFER)
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def read(self):
+        """(entries, overflowed): the events waiting now; overflowed means some were lost."""
+        entries, overflowed = [], False
+        while True:
+            try:
+                data = self.sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                return entries, overflowed
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    overflowed = True
+                    continue
+                raise
+            entries.extend(m for m in ctnetlink.decode_messages(data) if isinstance(m, Entry))

@@ -1,0 +1,112 @@
+"""Bringing up the kernel path at start, or saying clearly why it cannot be.
+
+The relay arranges what it needs in its network namespace (conntrack
+accounting, conntrack and NAT hooks), removes what an earlier run left
+(entries with its mark, inhibitor rules), and then proves that conntrack NAT
+applies with a probe packet (FIELD-NOTES 1: listing tables proves nothing).
+"""
+
+import errno
+import logging
+import socket
+
+from mediaproxy.relay.kernel import ctnetlink
+from mediaproxy.relay.kernel.conntrack import ConntrackTable
+from mediaproxy.relay.kernel.iptables import Iptables, IptablesError
+from mediaproxy.relay.kernel.netlink import ConntrackSocket, EventSocket, NetlinkError
+
+log = logging.getLogger("mediaproxy.relay")
+
+CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+PROBE_TIMEOUT = 0.5
+
+
+class KernelUnavailable(Exception):
+    """The kernel path cannot work here; the message says what is missing."""
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise KernelUnavailable("cannot set %s: %s" % (path.replace("/proc/sys/", "").replace("/", "."),
+                                                       e.strerror)) from None
+
+
+def probe_nat(netlink: ConntrackSocket, ip: str, mark: int) -> None:
+    """Send a packet to ourselves that only a NAT entry can divert; raise if it is not diverted."""
+    sockets = []
+    try:
+        for _ in range(3):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((ip, 0))
+            sockets.append(sock)
+        sender, target, diverted = sockets
+        sport, dport, nat_port = (s.getsockname()[1] for s in sockets)
+        flow = ctnetlink.Tuple5(ip, ip, sport, dport)
+        seq = netlink.next_seq()
+        errors = netlink.transact([(seq, ctnetlink.encode_nat_entry4(seq, flow, (ip, nat_port), (ip, sport), 5,
+                                                                     mark))])["errors"]
+        if errors.get(seq):
+            raise KernelUnavailable("the kernel refused a conntrack NAT entry: %s" % errno.errorcode.get(
+                errors[seq], errors[seq]))
+        try:
+            sender.sendto(b"mediaproxy probe", (ip, dport))
+            diverted.settimeout(PROBE_TIMEOUT)
+            try:
+                diverted.recv(64)
+            except socket.timeout:
+                raise KernelUnavailable("conntrack NAT does not apply in this network namespace") from None
+        finally:
+            seq = netlink.next_seq()
+            netlink.transact([(seq, ctnetlink.encode_delete(seq, flow))])
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def start_kernel_path(relay_ip: str, mark: int, port_range):
+    """(ConntrackTable, EventSocket) ready for use, or KernelUnavailable."""
+    if ":" in relay_ip:
+        raise KernelUnavailable("the kernel path is for IPv4 relay addresses")
+    if _read(IP_FORWARD) != "1":
+        raise KernelUnavailable("net.ipv4.ip_forward is not 1 (the kernel must forward the relayed packets)")
+    try:
+        iptables = Iptables(mark)
+        iptables.enable_conntrack_hooks()
+        netlink = ConntrackSocket()
+    except IptablesError as e:
+        raise KernelUnavailable(str(e)) from None
+    except PermissionError:
+        raise KernelUnavailable("no permission to use conntrack (needs root or CAP_NET_ADMIN)") from None
+    except OSError as e:
+        raise KernelUnavailable("no conntrack netlink: %s" % e.strerror) from None
+    try:
+        _write(CONNTRACK_ACCT, "1")
+        table = ConntrackTable(netlink, iptables, relay_ip, mark)
+        stale_rules = iptables.remove_stale_inhibitors()
+        stale_entries = table.remove_leftovers(port_range)
+        if stale_rules or stale_entries:
+            log.warning("removed what an earlier run left: %d conntrack entries, %d iptables rules",
+                        stale_entries, stale_rules)
+        probe_nat(netlink, relay_ip, mark)
+        events = EventSocket()
+    except (NetlinkError, IptablesError, OSError) as e:
+        netlink.close()
+        if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EPERM:
+            raise KernelUnavailable("no permission to use conntrack (needs root or CAP_NET_ADMIN)") from None
+        raise KernelUnavailable(str(e)) from None
+    except KernelUnavailable:
+        netlink.close()
+        raise
+    return table, events
