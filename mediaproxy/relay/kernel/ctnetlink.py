@@ -268,10 +268,10 @@ def decode_messages(data: bytes) -> list:
     offset = 0
     while offset + _HEADER.size <= len(data):
         length, msg_type, flags, seq, pid = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size:
+        if length < _HEADER.size or offset + length > len(data):
             break
         start, end = offset + _HEADER.size, offset + length
-        if msg_type == NLMSG_ERROR:
+        if msg_type == NLMSG_ERROR and end - start >= 4:
             errno = -struct.unpack_from("=i", data, start)[0]
             messages.append(Ack(seq, errno))
         elif msg_type == NLMSG_DONE:

@@ -1,0 +1,216 @@
+"""The relay's bookkeeping of its conntrack entries, against a fake kernel."""
+
+
+import pytest
+from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
+
+from mediaproxy.protocol.media import MediaDescription
+from mediaproxy.relay.kernel import ctnetlink
+from mediaproxy.relay.kernel.conntrack import ConntrackTable, entry_for
+from mediaproxy.relay.kernel.ctnetlink import Entry, Tuple5
+from mediaproxy.relay.streams import CALLEE, CALLER, RTCP, RTP, MediaStream
+
+RELAY = "203.0.113.5"
+MARK = 0x4D50
+CALLER_ADDRESS = ("198.51.100.10", 4000)
+CALLEE_ADDRESS = ("192.0.2.20", 6000)
+
+
+def requests_of(message: bytes):
+    """(kind, orig tuple, nat dst) of one request, read by pyroute2."""
+    msg = nfct_msg(message)
+    msg.decode()
+    kind = {ctnetlink.MSG_NEW: "new", ctnetlink.MSG_DELETE: "delete", ctnetlink.MSG_GET: "get"}[msg["header"]["type"]]
+    orig = msg.get_attr("CTA_TUPLE_ORIG")
+    ip, proto = orig.get_attr("CTA_TUPLE_IP"), orig.get_attr("CTA_TUPLE_PROTO")
+    flow = Tuple5(ip.get_attr("CTA_IP_V4_SRC"), ip.get_attr("CTA_IP_V4_DST"),
+                  proto.get_attr("CTA_PROTO_SRC_PORT"), proto.get_attr("CTA_PROTO_DST_PORT"))
+    return kind, flow, msg["header"]["sequence_number"]
+
+
+class FakeNetlink:
+    """Keeps entries by original tuple like the kernel; answers batches."""
+
+    def __init__(self):
+        self.entries = {}          # orig Tuple5 -> Entry
+        self.batches = []
+        self.refuse = set()        # orig tuples whose creation fails with EEXIST
+        self.fail = False
+        self._seq = 0
+
+    def next_seq(self):
+        self._seq += 1
+        return self._seq
+
+    def transact(self, requests):
+        if self.fail:
+            raise OSError(105, "No buffer space available")
+        batch = [requests_of(message) for _, message in requests]
+        self.batches.append(batch)
+        errors, found = {}, {}
+        for kind, flow, seq in batch:
+            if kind == "new":
+                if flow in self.refuse or flow in self.entries:
+                    errors[seq] = 17
+                else:
+                    self.entries[flow] = Entry(ctnetlink.MSG_NEW, flow, None, mark=MARK, proto=17)
+                    errors[seq] = 0
+            elif kind == "delete":
+                errors[seq] = 0 if self.entries.pop(flow, None) is not None else 2
+            else:
+                if flow in self.entries:
+                    found[seq] = self.entries[flow]
+                errors[seq] = 0 if flow in self.entries else 2
+        return {"errors": errors, "entries": found}
+
+    def dump(self, mark):
+        return [entry for entry in self.entries.values() if mark is None or entry.mark == mark]
+
+
+class FakeIptables:
+    def __init__(self):
+        self.held = []
+        self.log = []
+
+    def hold(self, flows):
+        rules = list(flows)
+        self.held.extend(rules)
+        self.log.append(("hold", rules))
+        return rules
+
+    def release(self, rules):
+        for rule in rules:
+            self.held.remove(rule)
+        self.log.append(("release", list(rules)))
+
+
+def latched_stream(caller_port=40000, callee_port=40002):
+    stream = MediaStream("audio", caller_port, callee_port, 0.0)
+    stream.call_id = "call-1"
+    for component in (RTP, RTCP):
+        stream.on_packet(CALLER, component, (CALLER_ADDRESS[0], CALLER_ADDRESS[1] + component), b"\x80\x08" + b"\0" * 10, 1.0)
+        stream.on_packet(CALLEE, component, (CALLEE_ADDRESS[0], CALLEE_ADDRESS[1] + component), b"\x80\x08" + b"\0" * 10, 1.0)
+    return stream
+
+
+@pytest.fixture
+def kernel():
+    netlink, iptables = FakeNetlink(), FakeIptables()
+    return netlink, iptables, ConntrackTable(netlink, iptables, RELAY, MARK)
+
+
+def test_an_entry_relays_the_caller_to_the_callee_from_the_callee_leg():
+    entry = entry_for(latched_stream(), RTCP, RELAY)
+    assert entry.orig == Tuple5("198.51.100.10", RELAY, 4001, 40001)
+    assert entry.callee == ("192.0.2.20", 6001)
+    assert entry.relay_b == (RELAY, 40003)
+
+
+def test_a_hand_over_holds_the_inhibitors_replaces_the_old_entries_and_releases_the_inhibitors(kernel):
+    netlink, iptables, table = kernel
+    stream = latched_stream()
+    caller_flow = Tuple5("198.51.100.10", RELAY, 4000, 40000)
+    callee_flow = Tuple5("192.0.2.20", RELAY, 6000, 40002)
+    netlink.entries[caller_flow] = Entry(ctnetlink.MSG_NEW, caller_flow, None, proto=17)   # made by user space
+    installed = table.install([entry_for(stream, RTP, RELAY)])
+    assert len(installed) == 1 and len(table) == 1
+    assert iptables.log == [("hold", [caller_flow, callee_flow]), ("release", [caller_flow, callee_flow])]
+    assert iptables.held == []
+    [batch] = netlink.batches
+    assert batch[:2] == [("delete", caller_flow, batch[0][2]), ("delete", callee_flow, batch[1][2])]
+    assert batch[2][:2] == ("new", caller_flow)
+    assert list(netlink.entries) == [caller_flow]
+    assert table.kernel_ports == {40000, 40002}
+
+
+def test_hand_overs_of_one_turn_go_in_one_batch(kernel):
+    netlink, iptables, table = kernel
+    streams = [latched_stream(40000 + 4 * i, 40002 + 4 * i) for i in range(3)]
+    for stream in streams:      # every stream from another caller port
+        stream.leg(CALLER).latched = [("198.51.100.10", 5000 + stream.leg(CALLER).port),
+                                      ("198.51.100.10", 5001 + stream.leg(CALLER).port)]
+    table.install([entry_for(stream, component, RELAY) for stream in streams for component in (RTP, RTCP)])
+    assert len(netlink.batches) == 1 and len([r for r in netlink.batches[0] if r[0] == "new"]) == 6
+    assert [kind for kind, _ in iptables.log] == ["hold", "release"]
+
+
+def test_a_refused_entry_stays_in_user_space(kernel):
+    netlink, _, table = kernel
+    stream = latched_stream()
+    netlink.refuse.add(Tuple5("198.51.100.10", RELAY, 4000, 40000))
+    assert table.install([entry_for(stream, RTP, RELAY)]) == []
+    assert len(table) == 0 and table.kernel_ports == set()
+
+
+def test_the_inhibitors_are_released_when_netlink_fails(kernel):
+    netlink, iptables, table = kernel
+    netlink.fail = True
+    with pytest.raises(OSError):
+        table.install([entry_for(latched_stream(), RTP, RELAY)])
+    assert iptables.held == [] and len(table) == 0
+
+
+def test_counters_are_udp_payload_and_kept_when_the_entry_goes(kernel):
+    netlink, _, table = kernel
+    stream = latched_stream()
+    [entry] = table.install([entry_for(stream, RTP, RELAY)])
+    user_space = stream.leg(CALLER).packet_count, stream.leg(CALLEE).packet_count
+    kernel_entry = netlink.entries[entry.orig]
+    kernel_entry.orig_packets, kernel_entry.orig_bytes = 10, 10 * 200
+    kernel_entry.reply_packets, kernel_entry.reply_bytes = 8, 8 * 60
+    assert table.refresh_counters() == set()
+    assert stream.leg(CALLER).packet_count == user_space[0] + 10
+    assert stream.leg(CALLER).kernel_bytes[RTP] == 10 * 172
+    assert stream.leg(CALLEE).kernel_bytes[RTP] == 8 * 32
+    before = stream.leg(CALLER).byte_count, stream.leg(CALLEE).byte_count
+    assert table.remove_port(stream.leg(CALLEE).port) == [entry]
+    assert (stream.leg(CALLER).byte_count, stream.leg(CALLEE).byte_count) == before
+    assert stream.leg(CALLER).kernel_packets == [0, 0]
+    assert netlink.entries == {} and len(table) == 0 and table.kernel_ports == set()
+    assert table.remove_port(stream.leg(CALLER).port) == []
+
+
+def test_an_entry_the_kernel_no_longer_has_is_reported_gone(kernel):
+    netlink, _, table = kernel
+    [entry] = table.install([entry_for(latched_stream(), RTP, RELAY)])
+    netlink.entries.clear()
+    assert table.refresh_counters() == {entry}
+
+
+def test_leftovers_are_our_mark_and_the_udp_flows_of_our_ports_only(kernel):
+    netlink, _, table = kernel
+    flows = {
+        "marked": (Tuple5("198.51.100.1", "192.0.2.99", 1, 2), MARK, 17),
+        "to our port": (Tuple5("198.51.100.1", RELAY, 4000, 40010), 0, 17),
+        "from our port": (Tuple5(RELAY, "198.51.100.1", 40010, 4000), 0, 17),
+        "tcp on our ports": (Tuple5(RELAY, "198.51.100.1", 40010, 25060), 0, 6),
+        "outside the range": (Tuple5("198.51.100.1", RELAY, 4000, 39998), 0, 17),
+        "another address": (Tuple5("198.51.100.1", "203.0.113.6", 4000, 40010), 0, 17),
+    }
+    for flow, mark, proto in flows.values():
+        netlink.entries[flow] = Entry(ctnetlink.MSG_NEW, flow, None, mark=mark, proto=proto)
+    assert table.remove_leftovers((40000, 50000)) == 3
+    assert set(netlink.entries) == {flows[name][0] for name in ("tcp on our ports", "outside the range",
+                                                                 "another address")}
+
+
+def test_a_moved_party_takes_its_stream_out_of_the_kernel():
+    class Listener:
+        def __init__(self):
+            self.events = []
+
+        def latched(self, stream, component):
+            self.events.append(("latched", component))
+
+        def unlatched(self, stream):
+            self.events.append(("unlatched",))
+    stream = MediaStream("audio", 40000, 40002, 0.0)
+    stream.listener = listener = Listener()
+    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4000))
+    stream.on_packet(CALLER, RTP, CALLER_ADDRESS, b"x", 1.0)
+    stream.on_packet(CALLEE, RTP, CALLEE_ADDRESS, b"x", 1.0)
+    stream.on_packet(CALLEE, RTP, CALLEE_ADDRESS, b"x", 1.0)
+    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4000))        # same address: nothing
+    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4100))
+    assert listener.events == [("latched", RTP), ("unlatched",)]
+    assert stream.leg(CALLER).latched == [None, None]
