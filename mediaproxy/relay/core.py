@@ -33,7 +33,6 @@ class RelayCore:
         self.sessions = {}
         self.halting = False
         self.bps_relayed = 0
-        self._closed_bytes = 0
         self._sampled_bytes = 0
         self._sampled_at = now
 
@@ -129,19 +128,12 @@ class RelayCore:
 
     def sample_traffic(self, now: float) -> int:
         """Bits per second relayed since the previous sample."""
-        self.forwarding.refresh_counters()
-        total = self._closed_bytes + sum(self._stream_bytes(stream)
-                                         for session in self.sessions.values()
-                                         for stream in session.active_streams)
+        total = self.forwarding.traffic_bytes()
         elapsed = now - self._sampled_at
         if elapsed > 0:
             self.bps_relayed = int(max(total - self._sampled_bytes, 0) * 8 / elapsed)
         self._sampled_bytes, self._sampled_at = total, now
         return self.bps_relayed
-
-    @staticmethod
-    def _stream_bytes(stream: MediaStream) -> int:
-        return sum(leg.byte_count for leg in stream.legs.values())
 
     # StreamAllocator, used by Session.
 
@@ -177,7 +169,6 @@ class RelayCore:
         if stream.ended:
             return
         stream.end(status, now)
-        self._closed_bytes += self._stream_bytes(stream)
         for leg in stream.legs.values():
             self.forwarding.close(leg.port)
             self.ports.release(leg.port)

@@ -36,6 +36,9 @@ class Forwarding(Protocol):
     def refresh_counters(self) -> None:
         """Bring the streams' kernel counters up to date."""
 
+    def traffic_bytes(self) -> int:
+        """UDP payload bytes relayed since start (user space and kernel): what bps_relayed samples."""
+
     def status(self) -> dict:
         """What the relay's summary says of its forwarding."""
 
@@ -58,6 +61,9 @@ class MemoryForwarding(StreamListener):
 
     def refresh_counters(self) -> None:
         pass
+
+    def traffic_bytes(self) -> int:
+        return sum(len(data) for _, _, data in self.sent)
 
     def status(self) -> dict:
         return {"forwarding": "memory"}

@@ -3,6 +3,7 @@
 import ipaddress
 import logging
 import socket
+import time
 
 from twisted.application import internet, service
 
@@ -15,6 +16,8 @@ from mediaproxy.relay.userspace import UserspaceForwarding
 from mediaproxy.tls import ContextFactory, Credentials
 
 log = logging.getLogger("mediaproxy.relay")
+
+SLOW_SAMPLING = 0.010      # seconds: a sampling pass slower than this is logged
 
 
 class StartupError(Exception):
@@ -100,7 +103,11 @@ class RelayService(service.MultiService):
                  self.core.advertised_ip, low, high - 1)
 
     def _sample_traffic(self):
+        started = time.perf_counter()
         self.core.sample_traffic(self.reactor.seconds())
+        cost = time.perf_counter() - started
+        if cost > SLOW_SAMPLING:
+            log.warning("sampling the relayed traffic took %.1f ms", cost * 1000)
 
     # Dispatcher links.
 

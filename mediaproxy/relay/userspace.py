@@ -36,6 +36,7 @@ class MediaSocket(DatagramProtocol):
             out = forwarding.sockets.get(out_port)
             if out is not None:
                 forwarding.packets_forwarded += 1
+                forwarding.bytes_forwarded += len(data)
                 try:
                     out.write(data, destination)
                 except OSError as e:     # e.g. no route: the packet is lost, the relay goes on
@@ -50,6 +51,7 @@ class UserspaceForwarding(StreamListener):
         self.sockets = {}            # port -> listening transport (both ports of each pair)
         self.kernel_ports = frozenset()   # ports whose packets the kernel relays (see KernelForwarding)
         self.packets_forwarded = 0
+        self.bytes_forwarded = 0
 
     def open(self, port: int, receiver) -> None:
         opened = []
@@ -72,6 +74,9 @@ class UserspaceForwarding(StreamListener):
 
     def refresh_counters(self) -> None:
         pass
+
+    def traffic_bytes(self) -> int:
+        return self.bytes_forwarded
 
     def status(self) -> dict:
         return {"forwarding": "userspace", "userspace_packets": self.packets_forwarded}

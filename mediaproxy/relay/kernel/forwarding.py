@@ -11,7 +11,7 @@ import logging
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
-from mediaproxy.relay.kernel.conntrack import ConntrackTable, entry_for, udp_stream_timeout
+from mediaproxy.relay.kernel.conntrack import IPV4_UDP_HEADERS, ConntrackTable, entry_for, udp_stream_timeout
 from mediaproxy.relay.kernel.iptables import IptablesError
 from mediaproxy.relay.kernel.netlink import EventSocket, NetlinkError
 from mediaproxy.relay.streams import CALLER, RTP
@@ -51,6 +51,7 @@ class KernelForwarding(UserspaceForwarding):
         self.on_expired = lambda stream, status, timeout_wait: None     # set by the relay service
         self._pending = {}
         self._handover_call = None
+        self._kernel_bytes = 0
         self._reader = _EventReader(events, self._destroyed)
         reactor.addReader(self._reader)
 
@@ -103,6 +104,15 @@ class KernelForwarding(UserspaceForwarding):
             self.table.refresh_counters()
         except (NetlinkError, OSError) as e:
             log.error("could not read the kernel's counters: %s", e)
+
+    def traffic_bytes(self) -> int:
+        try:
+            packets, octets = self.table.iptables.kernel_traffic()
+        except (IptablesError, OSError) as e:
+            log.error("could not read the kernel's traffic counter: %s", e)
+            return self.bytes_forwarded + self._kernel_bytes
+        self._kernel_bytes = octets - IPV4_UDP_HEADERS * packets
+        return self.bytes_forwarded + self._kernel_bytes
 
     def status(self) -> dict:
         return {"forwarding": "kernel", "userspace_packets": self.packets_forwarded,

@@ -9,6 +9,10 @@
   packets from creating a wrong entry meanwhile (FIELD-NOTES 6). They are
   added and removed for a whole batch of hand-overs in one commit each.
 
+- Traffic counter: one rule in mangle FORWARD, matching the connections
+  with our mark and jumping nowhere, counts everything the kernel relays for
+  us; reading it is how bps_relayed is sampled at any number of streams.
+
 Every rule carries a comment naming the relay's conntrack mark, so rules
 left by a relay that was killed are found and removed at the next start.
 """
@@ -62,6 +66,33 @@ class Iptables:
                 chain.append_rule(rule)
         except iptc.IPTCError as e:
             raise IptablesError("cannot set up the iptables hooks: %s" % e) from None
+
+    def ensure_traffic_counter(self) -> None:
+        iptc = self.iptc
+        try:
+            table = iptc.Table(iptc.Table.MANGLE)
+            table.refresh()
+            chain = iptc.Chain(table, "FORWARD")
+            ours = [rule for rule in chain.rules if self._comment_of(rule) == self.comment]
+            if len(ours) == 1:
+                return
+            rule = iptc.Rule()
+            rule.create_match("connmark").mark = "%#x" % self.mark
+            rule.create_match("comment").comment = self.comment
+            rule.create_target("")
+            self._commit(table, lambda: ([chain.delete_rule(old) for old in ours], chain.append_rule(rule)))
+        except iptc.IPTCError as e:
+            raise IptablesError("cannot set up the traffic counter: %s" % e) from None
+
+    def kernel_traffic(self):
+        """(packets, bytes) the kernel relayed on our connections, as counted by the rule."""
+        iptc = self.iptc
+        table = iptc.Table(iptc.Table.MANGLE)
+        table.refresh()
+        for rule in iptc.Chain(table, "FORWARD").rules:
+            if self._comment_of(rule) == self.comment:
+                return rule.get_counters()
+        raise IptablesError("the traffic counter rule is gone")
 
     def remove_stale_inhibitors(self) -> int:
         """Inhibitor rules of ours left by an earlier run (e.g. after SIGKILL)."""

@@ -84,6 +84,7 @@ def start_kernel_path(relay_ip: str, mark: int, port_range):
     try:
         iptables = Iptables(mark)
         iptables.enable_conntrack_hooks()
+        iptables.ensure_traffic_counter()
         netlink = ConntrackSocket()
     except IptablesError as e:
         raise KernelUnavailable(str(e)) from None
