@@ -244,21 +244,67 @@ def _decode_counters(data, start, end):
     return packets, octets
 
 
+# Fast paths for what dumps and events are made of: an IPv4 tuple (52 bytes
+# with its header) and 64-bit counters (28 bytes), read at fixed offsets.
+# Anything else goes through the general attribute walk.
+_TUPLE4_HEADERS = struct.Struct("=HHHHHH4xHH4xHHHH")
+_TUPLE4_EXPECTED = (52, 20, 8, CTA_IP_V4_SRC, 8, CTA_IP_V4_DST, 28, 5, CTA_PROTO_NUM)
+_PORTS = struct.Struct(">H6xH")
+_COUNTERS64 = struct.Struct(">4xQ4xQ")
+_U32 = struct.Struct(">I")
+_ip_names = {}
+
+
+def _ipv4(packed: bytes) -> str:
+    name = _ip_names.get(packed)
+    if name is None:
+        if len(_ip_names) > 65536:
+            _ip_names.clear()
+        name = _ip_names[packed] = socket.inet_ntoa(packed)
+    return name
+
+
+def _decode_tuple_at(data, header: int, end: int):
+    """The tuple attribute whose header starts at `header`: (Tuple5 or None, protocol)."""
+    fields = _TUPLE4_HEADERS.unpack_from(data, header)
+    if ((fields[0], fields[2], fields[4], fields[5] & NLA_TYPE_MASK, fields[6], fields[7] & NLA_TYPE_MASK,
+         fields[8], fields[10], fields[11] & NLA_TYPE_MASK) == _TUPLE4_EXPECTED and header + 52 <= end):
+        sport, dport = _PORTS.unpack_from(data, header + 40)
+        return (Tuple5(_ipv4(data[header + 12:header + 16]), _ipv4(data[header + 20:header + 24]), sport, dport),
+                data[header + 32])
+    length = _NLA.unpack_from(data, header)[0]
+    return _decode_tuple(data, header + 4, header + length)
+
+
 def _decode_entry(data, start, end, msg_type, seq) -> Entry:
     entry = Entry(msg_type, None, None, seq=seq)
-    for kind, a, b in _attributes(data, start + _NFGEN.size, end):
-        if kind == CTA_TUPLE_ORIG:
-            entry.orig, entry.proto = _decode_tuple(data, a, b)
-        elif kind == CTA_TUPLE_REPLY:
-            entry.reply = _decode_tuple(data, a, b)[0]
+    offset = start + _NFGEN.size
+    unpack = _NLA.unpack_from
+    while offset + 4 <= end:
+        length, kind = unpack(data, offset)
+        if length < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        a, b = offset + 4, min(offset + length, end)
+        if kind == CTA_TUPLE_ORIG and b - offset >= 52:
+            entry.orig, entry.proto = _decode_tuple_at(data, offset, b)
+        elif kind == CTA_TUPLE_REPLY and b - offset >= 52:
+            entry.reply = _decode_tuple_at(data, offset, b)[0]
         elif kind == CTA_COUNTERS_ORIG:
-            entry.orig_packets, entry.orig_bytes = _decode_counters(data, a, b)
+            if length == 28:
+                entry.orig_packets, entry.orig_bytes = _COUNTERS64.unpack_from(data, a)
+            else:
+                entry.orig_packets, entry.orig_bytes = _decode_counters(data, a, b)
         elif kind == CTA_COUNTERS_REPLY:
-            entry.reply_packets, entry.reply_bytes = _decode_counters(data, a, b)
-        elif kind == CTA_MARK:
-            entry.mark = struct.unpack_from(">I", data, a)[0]
-        elif kind == CTA_ID:
-            entry.id = struct.unpack_from(">I", data, a)[0]
+            if length == 28:
+                entry.reply_packets, entry.reply_bytes = _COUNTERS64.unpack_from(data, a)
+            else:
+                entry.reply_packets, entry.reply_bytes = _decode_counters(data, a, b)
+        elif kind == CTA_MARK and length >= 8:
+            entry.mark = _U32.unpack_from(data, a)[0]
+        elif kind == CTA_ID and length >= 8:
+            entry.id = _U32.unpack_from(data, a)[0]
+        offset += (length + 3) & ~3
     return entry
 
 
