@@ -311,13 +311,15 @@ class Daemon:
     runtime_dir: Path
 
 
-def _daemon(topology: Topology, host: str, script: Path, name: str, workdir: Path, sections) -> Daemon:
+def _daemon(
+    topology: Topology, host: str, script: Path, name: str, workdir: Path, sections, arguments=()
+) -> Daemon:
     # Short paths: a UNIX socket path has at most 107 bytes.
     config_dir = workdir / name.removeprefix("media-")
     runtime_dir = config_dir / "run"
     write_config(config_dir, sections)
     runtime_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, script, "--config-dir", config_dir, "--runtime-dir", runtime_dir, "--no-fork"]
+    argv = [sys.executable, script, *arguments, "--config-dir", config_dir, "--runtime-dir", runtime_dir, "--no-fork"]
     return Daemon(topology.spawn(host, argv, name=name), config_dir, runtime_dir)
 
 
@@ -327,10 +329,13 @@ def start_dispatcher(
     certs_path: Path,
     host: str = "proxy",
     extra: dict[str, dict[str, object]] | None = None,
+    script: Path = DISPATCHER_SCRIPT,
+    arguments: tuple[str, ...] = (),
 ) -> Daemon:
     """media-dispatcher in ``host``: proxy socket ``<runtime>/dispatcher.sock``,
     relays on ``ADDRESS:25060``, plain-TCP management on ``ADDRESS:25061``.
-    Returns once all three listen."""
+    Returns once all three listen. ``script`` (with ``arguments`` before the
+    usual options) may be a wrapper that runs the dispatcher with additions."""
     address = topology.address(host)
     sections: dict[str, dict[str, object]] = {
         "Dispatcher": {
@@ -344,7 +349,7 @@ def start_dispatcher(
     }
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)
-    daemon = _daemon(topology, host, DISPATCHER_SCRIPT, "media-dispatcher", workdir, sections)
+    daemon = _daemon(topology, host, script, "media-dispatcher", workdir, sections, arguments)
     daemon.process.wait_for_log(r"listening for the proxy on ", timeout=15)
     return daemon
 
@@ -361,9 +366,11 @@ def start_relay(
     dispatcher_host: str = "proxy",
     port_range: tuple[int, int] = (50000, 50100),
     extra: dict[str, dict[str, object]] | None = None,
+    wait: bool = True,
 ) -> Daemon:
     """media-relay in ``host`` on its address, connecting to the dispatcher of
-    ``dispatcher_host``. Returns once the dispatcher lists it as active."""
+    ``dispatcher_host``. Returns once the dispatcher lists it as active
+    (``wait=False``: at once, e.g. for a relay that must refuse to start)."""
     address = topology.address(host)
     sections: dict[str, dict[str, object]] = {
         "Relay": {
@@ -377,6 +384,8 @@ def start_relay(
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)
     daemon = _daemon(topology, host, RELAY_SCRIPT, f"media-relay-{host}", workdir, sections)
+    if not wait:
+        return daemon
     management = Management(topology, dispatcher_host)
 
     def listed_active() -> bool:
