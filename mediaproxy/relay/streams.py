@@ -24,13 +24,14 @@ def other_party(party: str) -> str:
 class Leg:
     """The relay's port pair facing one party, and what it learnt of that party."""
 
-    __slots__ = ("port", "sdp_address", "latched", "packets", "bytes", "kernel_packets", "kernel_bytes",
-                 "dropped", "codec", "on_hold", "ice", "first_packet_time")
+    __slots__ = ("port", "sdp_address", "latched", "media_seen", "packets", "bytes", "kernel_packets",
+                 "kernel_bytes", "dropped", "codec", "on_hold", "ice", "first_packet_time")
 
     def __init__(self, port: int):
         self.port = port
         self.sdp_address = None           # (ip, port) the party announced in its SDP
         self.latched = [None, None]       # real (ip, port) per component, from its first packet
+        self.media_seen = [False, False]  # a packet other than STUN came, per component
         self.packets = [0, 0]             # received from the party in user space, per component
         self.bytes = [0, 0]
         self.kernel_packets = [0, 0]      # forwarded from the party by the kernel, per component
@@ -43,6 +44,7 @@ class Leg:
 
     def reset_latch(self):
         self.latched = [None, None]
+        self.media_seen = [False, False]
 
     @property
     def packet_count(self) -> int:
@@ -116,7 +118,8 @@ class MediaStream:
             self.end_time = now
 
     def is_latched(self, component: int) -> bool:
-        return all(leg.latched[component] is not None for leg in self.legs.values())
+        """Both parties latched and sending media (not only STUN): the kernel may take over."""
+        return all(leg.media_seen[component] for leg in self.legs.values())
 
     def describe(self, party: str, media: MediaDescription) -> None:
         """Take `party`'s SDP for this stream; a changed address undoes its latch."""
@@ -131,22 +134,25 @@ class MediaStream:
         latched = leg.latched[component]
         if latched is None:
             leg.latched[component] = latched = source
-            if self.legs[other_party(party)].latched[component] is not None:
-                self.listener.latched(self, component)
         elif latched != source:
             leg.dropped += 1
             return None
         leg.packets[component] += 1
         leg.bytes[component] += len(data)
-        if leg.first_packet_time is None and not is_stun(data):
-            leg.first_packet_time = now
-            if self.first_media_time is None:
-                self.first_media_time = now
+        peer = self.legs[other_party(party)]
+        if not leg.media_seen[component] and not is_stun(data):
+            # STUN is relayed but never hands a stream to the kernel: ICE may still move it.
+            leg.media_seen[component] = True
+            if leg.first_packet_time is None:
+                leg.first_packet_time = now
+                if self.first_media_time is None:
+                    self.first_media_time = now
+            if peer.media_seen[component]:
+                self.listener.latched(self, component)
         if component == RTP and leg.codec is None:
             payload_type = rtp_payload_type(data)
             if payload_type is not None:
                 leg.codec = codec_name(payload_type)
-        peer = self.legs[other_party(party)]
         destination = peer.latched[component]
         if destination is None and peer.sdp_address is not None and self._routable(peer.sdp_address[0]):
             ip, port = peer.sdp_address

@@ -214,3 +214,27 @@ def test_a_moved_party_takes_its_stream_out_of_the_kernel():
     stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4100))
     assert listener.events == [("latched", RTP), ("unlatched",)]
     assert stream.leg(CALLER).latched == [None, None]
+
+
+def test_stun_is_relayed_but_only_media_hands_a_stream_to_the_kernel():
+    class Listener:
+        def __init__(self):
+            self.latched_components = []
+
+        def latched(self, stream, component):
+            self.latched_components.append(component)
+
+        def unlatched(self, stream):
+            pass
+    stun = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"\x07" * 12
+    stream = MediaStream("audio", 40000, 40002, 0.0)
+    stream.listener = listener = Listener()
+    stream.on_packet(CALLER, RTP, CALLER_ADDRESS, stun, 1.0)
+    assert stream.on_packet(CALLEE, RTP, CALLEE_ADDRESS, stun, 1.0) == (40000, CALLER_ADDRESS)
+    assert listener.latched_components == [] and not stream.is_latched(RTP)
+    assert stream.first_media_time is None
+    stream.on_packet(CALLER, RTP, CALLER_ADDRESS, b"\x80\x08" + b"\0" * 10, 2.0)
+    assert listener.latched_components == []
+    stream.on_packet(CALLEE, RTP, CALLEE_ADDRESS, b"\x80\x08" + b"\0" * 10, 2.5)
+    assert listener.latched_components == [RTP] and stream.is_latched(RTP)
+    assert stream.first_media_time == 2.0
