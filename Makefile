@@ -1,9 +1,10 @@
-# MediaProxy: make deps | test | run | clean | distclean
+# MediaProxy: make deps | test | run | bench | clean | distclean
 #
 #   make deps                 system packages (apt) and the virtualenv .venv
 #   make test                 the test suite; PYTEST_ARGS="-k relay -x" for more
 #                             pytest options, TESTS=tests/unit for a subset
 #   make run                  dispatcher and relay on this host (scripts/run-local)
+#   make bench                benchmarks (root, ~5 min): bench/RESULTS.md, bench/results.json
 #
 # `make deps` is idempotent: it runs apt-get (update, then install) only when
 # a package of requirements-apt.txt is missing, and pip only when setup.py
@@ -27,10 +28,10 @@ export DEBIAN_FRONTEND := noninteractive
 export PIP_NO_INPUT := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help deps deps-apt test run clean distclean
+.PHONY: help deps deps-apt test run bench clean distclean
 
 help:
-	@sed -n '1,11s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 deps: deps-apt $(DEPS_STAMP)
 
@@ -73,3 +74,10 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# The benchmarks (bench/README): namespaces, the daemons, packet tools built
+# into bench/build/; rewrites bench/RESULTS.md and bench/results.json.
+# BENCH_ARGS="--smoke" for a quick run that writes to bench/build/smoke/.
+BENCH_ARGS ?=
+bench: deps
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)

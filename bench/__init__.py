@@ -1,0 +1,1 @@
+"""MediaProxy benchmarks: ``make bench`` / ``python -m bench`` (see bench/README)."""

@@ -1,0 +1,104 @@
+"""python -m bench [--smoke] [--output DIR] [...]: run the benchmarks, write
+RESULTS.md and results.json (see bench/README)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FULL_LIMIT = 600        # seconds: a full run stops by itself after this
+SMOKE_LIMIT = 180
+
+
+class Overtime(Exception):
+    pass
+
+
+def _overtime(signum, frame):
+    raise Overtime("the benchmark ran over its time limit")
+
+
+def check_environment() -> list[str]:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("needs root (network namespaces, conntrack, iptables)")
+    for tool in ("ip", "conntrack", "iptables-legacy", "iptables-legacy-save", "setpriv", "unshare", "gcc",
+                 "bash"):
+        if shutil.which(tool) is None:
+            problems.append(f"missing tool: {tool}")
+    if (os.cpu_count() or 1) < 2:
+        problems.append("needs 2 CPUs (sender and receiver pinned apart)")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true",
+                        help="every scenario for about a second, few streams, no targets checked; "
+                             "writes to bench/build/smoke unless --output is given")
+    parser.add_argument("--output", type=Path, help="where RESULTS.md and results.json go (default bench/)")
+    parser.add_argument("--streams", help="comma list of stream counts (default 1,1000)")
+    parser.add_argument("--rounds", type=int, help="interleaved blasts per stream count (default 3)")
+    parser.add_argument("--udp-rounds", type=int, help="the same with the UDP-socket sender (default 1; 0: none)")
+    parser.add_argument("--group-seconds", type=float, help="sending time per scenario in one blast (default 2)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and configs")
+    args = parser.parse_args(argv)
+
+    from bench import kernel, report
+
+    opts = kernel.Options.smoke_options() if args.smoke else kernel.Options()
+    if args.streams:
+        opts.streams = tuple(int(x) for x in args.streams.split(","))
+    if args.rounds is not None:
+        opts.rounds = args.rounds
+    if args.udp_rounds is not None:
+        opts.udp_rounds = args.udp_rounds
+    if args.group_seconds is not None:
+        opts.group_seconds = args.group_seconds
+    output = args.output or (HERE / "build" / "smoke" if args.smoke else HERE)
+
+    problems = check_environment()
+    if problems:
+        for problem in problems:
+            print(f"bench: {problem}", file=sys.stderr)
+        return 2
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))    # 4 sockets a call, and the parties' sockets
+
+    signal.signal(signal.SIGALRM, _overtime)
+    signal.alarm(SMOKE_LIMIT if args.smoke else FULL_LIMIT)
+    workdir = Path(tempfile.mkdtemp(prefix="mpb-work-"))
+    started = time.time()
+    try:
+        results = kernel.run(opts, workdir)
+    except BaseException:
+        print(f"bench: failed; logs in {workdir}", file=sys.stderr)
+        raise
+    finally:
+        signal.alarm(0)
+    elapsed = time.time() - started
+    output.mkdir(parents=True, exist_ok=True)
+    report.write(output, results, opts, elapsed)
+    print(f"bench: {elapsed:.0f} s; wrote {output / 'RESULTS.md'} and {output / 'results.json'}", file=sys.stderr)
+    if args.keep_logs:
+        print(f"bench: logs and configs in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Micro-benchmark of the relay's kernel entry API, run inside a network
+namespace where conntrack NAT works (the benchmark's relay namespace):
+
+    python -m bench.entries --relay-ip IP [--runs COUNT:BATCH,...] [--mark M]
+
+For each COUNT:BATCH it builds COUNT latched streams (real MediaStream
+objects, as the relay core makes them), hands them to
+``ConntrackTable.install`` BATCH at a time (what ``KernelForwarding`` does
+with the hand-overs of one reactor turn: one commit of NOTRACK inhibitor
+rules, one netlink batch that deletes old entries and creates the new ones,
+one commit removing the rules), checks that the kernel has them all, then
+removes them with ``ConntrackTable.remove_port`` one stream at a time (what
+a session's end does: last counters, then delete). Also the ceiling without
+the relay's bookkeeping and rules: the same entries created and deleted by
+bare ``ConntrackSocket.transact`` batches.
+
+Prints one JSON object: per run, entries, batch, install_s, remove_s,
+installed_per_s, removed_per_s, missing (entries the kernel did not have).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def make_streams(count: int, relay_ip: str, caller_ip: str, callee_ip: str, base: int):
+    from mediaproxy.relay.streams import CALLEE, CALLER, RTP, MediaStream
+
+    streams = []
+    for i in range(count):
+        # relay ports: caller-facing base+2i, callee-facing base+2*count+2i (even pairs)
+        stream = MediaStream("audio", base + 2 * i, base + 2 * count + 2 * i, 0.0)
+        stream.call_id = f"bench-api-{i}"
+        caller, callee = stream.leg(CALLER), stream.leg(CALLEE)
+        caller.latched[RTP] = (caller_ip, 20000 + 2 * i)
+        callee.latched[RTP] = (callee_ip, 30000 + 2 * i)
+        caller.media_seen[RTP] = callee.media_seen[RTP] = True
+        streams.append(stream)
+    return streams
+
+
+def run_api(table, streams, batch: int, relay_ip: str, mark: int) -> dict:
+    from mediaproxy.relay.kernel.conntrack import entry_for
+    from mediaproxy.relay.streams import CALLER, RTP
+
+    entries = [entry_for(stream, RTP, relay_ip) for stream in streams]
+    start = time.perf_counter()
+    installed = 0
+    for k in range(0, len(entries), batch):
+        installed += len(table.install(entries[k:k + batch]))
+    install_s = time.perf_counter() - start
+    in_kernel = {entry.orig for entry in table.netlink.dump(mark)}
+    missing = sum(1 for entry in entries if entry.orig not in in_kernel)
+    start = time.perf_counter()
+    removed = 0
+    for stream in streams:
+        removed += len(table.remove_port(stream.leg(CALLER).port))
+    remove_s = time.perf_counter() - start
+    left = len(table.netlink.dump(mark))
+    return {"api": "ConntrackTable.install/remove_port", "entries": len(entries), "batch": batch,
+            "installed": installed, "missing": missing, "removed": removed, "left": left,
+            "install_s": install_s, "remove_s": remove_s,
+            "installed_per_s": installed / install_s if install_s > 0 else None,
+            "removed_per_s": removed / remove_s if remove_s > 0 else None}
+
+
+def run_netlink(netlink, streams, relay_ip: str, mark: int) -> dict:
+    from mediaproxy.relay.kernel import ctnetlink
+    from mediaproxy.relay.kernel.conntrack import entry_for
+    from mediaproxy.relay.streams import RTP
+
+    entries = [entry_for(stream, RTP, relay_ip) for stream in streams]
+    start = time.perf_counter()
+    requests = []
+    for entry in entries:
+        seq = netlink.next_seq()
+        requests.append((seq, ctnetlink.encode_nat_entry4(seq, entry.orig, entry.callee, entry.relay_b, 120, mark)))
+    errors = netlink.transact(requests)["errors"]
+    install_s = time.perf_counter() - start
+    failed = sum(1 for seq, _ in requests if errors.get(seq))
+    start = time.perf_counter()
+    requests = []
+    for entry in entries:
+        seq = netlink.next_seq()
+        requests.append((seq, ctnetlink.encode_delete(seq, entry.orig)))
+    netlink.transact(requests)
+    remove_s = time.perf_counter() - start
+    return {"api": "ConntrackSocket.transact (no rules, no bookkeeping)", "entries": len(entries),
+            "batch": len(entries), "installed": len(entries) - failed, "missing": failed,
+            "install_s": install_s, "remove_s": remove_s,
+            "installed_per_s": (len(entries) - failed) / install_s if install_s > 0 else None,
+            "removed_per_s": len(entries) / remove_s if remove_s > 0 else None,
+            "left": len(netlink.dump(mark))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--relay-ip", required=True)
+    parser.add_argument("--caller-ip", default="198.18.1.10")
+    parser.add_argument("--callee-ip", default="198.18.2.20")
+    parser.add_argument("--runs", default="1000:1000,1000:100,200:10,50:1",
+                        help="COUNT:BATCH list (default %(default)s)")
+    parser.add_argument("--netlink-entries", type=int, default=1000)
+    parser.add_argument("--mark", type=lambda text: int(text, 0), default=0x4D5B,
+                        help="conntrack mark of the entries (not the relay's own)")
+    parser.add_argument("--base-port", type=int, default=42000)
+    args = parser.parse_args(argv)
+
+    from mediaproxy.relay.kernel.conntrack import ConntrackTable
+    from mediaproxy.relay.kernel.iptables import Iptables
+    from mediaproxy.relay.kernel.netlink import ConntrackSocket
+
+    netlink = ConntrackSocket(timeout=10.0)
+    iptables = Iptables(args.mark)
+    table = ConntrackTable(netlink, iptables, args.relay_ip, args.mark)
+    results = []
+    try:
+        for run in args.runs.split(","):
+            count, batch = (int(x) for x in run.split(":"))
+            streams = make_streams(count, args.relay_ip, args.caller_ip, args.callee_ip, args.base_port)
+            results.append(run_api(table, streams, batch, args.relay_ip, args.mark))
+        if args.netlink_entries:
+            streams = make_streams(args.netlink_entries, args.relay_ip, args.caller_ip, args.callee_ip, args.base_port)
+            results.append(run_netlink(netlink, streams, args.relay_ip, args.mark))
+    finally:
+        # nothing of ours stays behind: entries with our mark, inhibitor rules with our comment
+        from mediaproxy.relay.kernel import ctnetlink
+
+        requests = []
+        for entry in netlink.dump(args.mark):
+            seq = netlink.next_seq()
+            requests.append((seq, ctnetlink.encode_delete(seq, entry.orig)))
+        if requests:
+            netlink.transact(requests)
+        iptables.remove_stale_inhibitors()
+        netlink.close()
+    json.dump({"runs": results}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

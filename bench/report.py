@@ -1,0 +1,235 @@
+"""RESULTS.md and results.json from one run."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# issue 4 / issue 8 targets
+KERNEL_RATIO_TARGET = 0.95
+RELAY_CPU_TARGET = 2.0
+ENTRIES_TARGET = 20000
+
+
+def _cmd(argv) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        memory = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    commit = _cmd(["git", "rev-parse", "--short", "HEAD"])
+    dirty = bool(_cmd(["git", "status", "--porcelain", "--untracked-files=no"]))
+    return {"nproc": os.cpu_count(), "cpu": model, "memory": memory, "kernel": platform.release(),
+            "os": _cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]), "python": platform.python_version(),
+            "iptables": _cmd(["iptables-legacy", "--version"]), "conntrack": _cmd(["conntrack", "--version"]),
+            "commit": commit + ("+dirty" if dirty else ""),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _fmt(value, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and digits:
+        return f"{value:.{digits}f}"
+    if isinstance(value, (int, float)):
+        return f"{value:,.0f}"
+    return str(value)
+
+
+def _streams(s) -> str:
+    return f"{s} stream" if int(s) == 1 else f"{s} streams"
+
+
+def _met(value, target, above: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    ok = value >= target if above else value < target
+    return "met" if ok else "**missed**"
+
+
+def write(output: Path, results, opts, elapsed: float) -> None:
+    numbers, details = results.numbers, results.details
+    info = machine()
+    data = dict(numbers)
+    data["machine"] = info
+    data["options"] = {"streams": list(opts.streams), "rounds": opts.rounds, "udp_rounds": opts.udp_rounds,
+                       "group_seconds": opts.group_seconds, "payload_bytes": opts.size, "smoke": opts.smoke,
+                       "elapsed_s": round(elapsed, 1)}
+    data["available"] = results.available
+    data["details"] = details
+    (output / "results.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    (output / "RESULTS.md").write_text(markdown(results, opts, info, elapsed))
+
+
+def markdown(results, opts, info: dict, elapsed: float) -> str:
+    n = results.numbers
+    relay_reason = results.available.get("relay")
+    lines = ["# Benchmark results", ""]
+    if opts.smoke:
+        lines += ["**Smoke run** (`python -m bench --smoke`): about a second a scenario, few streams; the "
+                  "figures mean nothing, only that every scenario ran.", ""]
+    lines += [f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, kernel {info['kernel']}, "
+              f"{info['os']}, Python {info['python']}, {info['iptables']}, {info['conntrack']}. "
+              f"Commit {info['commit']}, {info['date']}, run took {elapsed:.0f} s.", ""]
+
+    lines += ["## Kernel path (issue 4; issue 8 item 6)", "",
+              "Packets per second delivered at the callee (G.711-sized datagrams, 172 bytes of payload): the "
+              "median over the interleaved blasts; a ratio is the median of the per-blast ratios (so it need "
+              "not equal the quotient of the two medians). Every blast is listed further down.", "",
+              "| Figure | Value | Reference | Ratio | Target | |",
+              "|---|---|---|---|---|---|"]
+    streams = sorted(opts.streams)
+    for s in streams:
+        lines.append(f"| plain IP forwarding, {_streams(s)} (packets/s) | "
+                     f"{_fmt(n.get(f'plain_pps_{s}'))} | | | | |")
+        lines.append(f"| reference: conntrack CLI DNAT+SNAT entries, {_streams(s)} | "
+                     f"{_fmt(n.get(f'reference_pps_{s}'))} | plain | {_fmt(n.get(f'reference_pps_ratio_{s}'), 3)} "
+                     f"| (0.6-0.65 on the notes' machine) | |")
+    for s in streams:
+        value = n.get(f"kernel_pps_ratio_{s}")
+        lines.append(f"| **relay kernel path**, {_streams(s)} (`kernel_pps_ratio_{s}`) | "
+                     f"{_fmt(n.get(f'relay_pps_{s}'))} | {_fmt(n.get(f'reference_pps_{s}_with_relay'))} (reference, "
+                     f"same blasts) | {_fmt(value, 3)} | >= {KERNEL_RATIO_TARGET} | {_met(value, KERNEL_RATIO_TARGET)} |")
+    cpu = n.get("relay_cpu_percent_kernel_blast")
+    lines.append(f"| relay process CPU while the kernel relays {max(streams)} streams at "
+                 f"{_fmt(n.get('relay_pps_cpu_blast'))} packets/s (% of one CPU) | {_fmt(cpu, 2)} | | | < "
+                 f"{RELAY_CPU_TARGET} | {_met(cpu, RELAY_CPU_TARGET, above=False)} |")
+    ins = n.get("entries_installed_per_s")
+    cli = n.get("entries_installed_per_s_cli")
+    ratio = ins / cli if ins and cli else None
+    lines.append(f"| entries installed/s, relay API, batches of {n.get('entries_api_batch', 'n/a')} "
+                 f"(`entries_installed_per_s`) | {_fmt(ins)} | {_fmt(cli)} (conntrack CLI, a process an entry) | "
+                 f"{_fmt(ratio, 1)} | >= {ENTRIES_TARGET:,} | {_met(ins, ENTRIES_TARGET)} |")
+    rem, rem_cli = n.get("entries_removed_per_s"), n.get("entries_removed_per_s_cli")
+    lines.append(f"| entries removed/s, relay API (a stream at a time) | {_fmt(rem)} | {_fmt(rem_cli)} (CLI) | "
+                 f"{_fmt(rem / rem_cli if rem and rem_cli else None, 1)} | | |")
+    lines.append("")
+    if relay_reason:
+        lines += [f"(c) the relay's kernel path: **not available** — {relay_reason}", ""]
+
+    lines += ["### More figures", "", "| Figure | Value |", "|---|---|"]
+    extra = [
+        *[(f"plain forwarding in the fresh namespace (no netfilter table), {_streams(s)} (packets/s; measured "
+           f"alone, before the others)", f"plain_pps_pristine_{s}", 0) for s in streams],
+        *[(f"conntrack + NAT cost per packet, {_streams(s)} (us; 1/reference - 1/plain)",
+           f"conntrack_nat_us_per_packet_{s}", 3) for s in streams],
+        *[(f"relay path's extra cost over the reference per packet, {_streams(s)} (us)",
+           f"relay_extra_us_per_packet_{s}", 3) for s in streams],
+        *[(f"kernel_pps_ratio_{s}: lowest / highest blast", None, 0) for s in streams],
+        *[(f"reference/plain with the relay running (its rules loaded), {_streams(s)}",
+           f"reference_pps_ratio_{s}_with_relay", 3) for s in streams],
+        *[(f"UDP-socket sender: reference/plain, {_streams(s)}", f"reference_pps_ratio_{s}_udp_sender", 3)
+          for s in streams],
+        *[(f"UDP-socket sender: relay/reference, {_streams(s)}", f"kernel_pps_ratio_{s}_udp_sender", 3)
+          for s in streams],
+        ("relay's user-space packet counter during the relay-only blast", "relay_userspace_packets_during_blast", 0),
+        ("share of the relay-only blast counted by the relay's kernel entries", "relay_kernel_carried_fraction", 4),
+        ("dispatcher CPU during the relay-only blast (% of one CPU)", "dispatcher_cpu_percent_kernel_blast", 2),
+        ("relay's kernel entries left after it stopped", "relay_entries_left_after_stop", 0),
+        ("entries installed/s, bare netlink batches (no rules, no bookkeeping)", "entries_installed_per_s_netlink", 0),
+        ("entries removed/s, bare netlink batches", "entries_removed_per_s_netlink", 0),
+        *[(f"entries installed/s, relay API, batches of {b}", f"entries_installed_per_s_batch_{b}", 0)
+          for b in (100, 10, 1)],
+        ("entries removed/s, conntrack CLI", "entries_removed_per_s_cli", 0),
+    ]
+    for title, key, digits in extra:
+        if key is None:
+            s = title.split(":")[0].rsplit("_", 1)[1]
+            low, high = n.get(f"kernel_pps_ratio_{s}_min"), n.get(f"kernel_pps_ratio_{s}_max")
+            if low is not None:
+                lines.append(f"| {title} | {low:.3f} / {high:.3f} |")
+            continue
+        if key in n:
+            lines.append(f"| {title} | {_fmt(n[key], digits)} |")
+    lines.append("")
+
+    lines += ["### Every blast", "",
+              "| Phase | Sender | Streams | plain | reference | relay | reference/plain | relay/reference |",
+              "|---|---|---|---|---|---|---|---|"]
+    for phase, title in (("pristine", "0 (fresh namespace)"), ("phase_b", "B (hooks, CLI entries)"),
+                         ("phase_c", "C (relay running)")):
+        block = results.details.get(phase, {})
+        if phase == "pristine":
+            block = {"packet": {s: [run] for s, run in block.items()}}
+        for mode, by_n in block.items():
+            for s, runs in sorted(by_n.items(), key=lambda item: int(item[0])):
+                for run in runs:
+                    cells = [_fmt(run[name]["pps"]) if name in run else "" for name in ("plain", "reference", "relay")]
+                    r1 = (run["reference"]["pps"] / run["plain"]["pps"]
+                          if "reference" in run and "plain" in run and run["plain"]["pps"] else None)
+                    r2 = (run["relay"]["pps"] / run["reference"]["pps"]
+                          if "relay" in run and run["reference"]["pps"] else None)
+                    lines.append(f"| {title} | {mode} | {s} | {' | '.join(cells)} | "
+                                 f"{_fmt(r1, 3) if r1 else ''} | {_fmt(r2, 3) if r2 else ''} |")
+    lines.append("")
+    lines += ["## How it is measured", "", HOW, ""]
+    if results.notes:
+        lines += ["## Notes from this run", ""] + [f"- {note}" for note in results.notes] + [""]
+    return "\n".join(lines)
+
+
+HOW = """\
+`make bench` (or `python -m bench`, as root) builds `bench/tools/*.c` into
+`bench/build/` and three network namespaces: caller 198.18.1.10 -- relay
+(198.18.1.1 / 198.18.2.1, ip_forward on) -- callee 198.18.2.20. Every
+scenario crosses the relay namespace the same way:
+
+- **plain**: the caller sends to the callee's own address; the relay routes
+  it. In phases B and C conntrack is on in the namespace, so these packets
+  are exempted (raw PREROUTING `CT --notrack` for the callee's address).
+- **reference**: the caller sends to 198.18.1.1:A; an entry made with
+  `conntrack -I -p udp -s CALLER -d RELAY --sport X --dport A -r RELAY -q CALLER
+  --reply-port-src A --reply-port-dst X --dst-nat CALLEE:Y --src-nat RELAY:B`
+  (reply tuple = plain inverse, NAT given separately) rewrites it to
+  198.18.1.1:B -> callee:Y. Hooks: a nat table and one `-m conntrack` rule in
+  a chain nothing jumps to (iptables-legacy).
+- **relay**: media-dispatcher and media-relay (`kernel_forwarding = yes`) in
+  the relay namespace; the calls are set up over the dispatcher's proxy
+  socket (offer, answer), both parties send RTP until each receives the
+  other's, the relay's entries (its mark) are listed, a probe packet must
+  raise an entry's counter; then the blasts.
+
+The sender (`udpsend`, pinned to CPU 0) sends 172-byte RTP-looking datagrams,
+one group of streams per scenario, the groups in turn 50 ms each, as fast
+as it can; the receiver (`udprecv`, pinned to CPU 1, one bound socket per
+port, busy polling so the delivering CPU pays no wakeups) counts per group.
+On veth the whole path (the relay's forwarding, the callee's delivery) runs
+on the sender's CPU, so each figure is what one CPU carries end to end, and
+a ratio compares two paths through the same seconds. Default sender: an
+AF_PACKET socket with frames built in advance (the sender's own UDP stack
+would take CPU from the path measured); the UDP-socket sender (one bound,
+connected socket per stream, sendmmsg) is the cross-check.
+
+The relay namespace's `nf_conntrack_udp_timeout` is raised to 120 s so
+that idle entries (the CLI's, the relay's) outlive the blasts of the other
+groups; the CLI's entries are put back before each blast if gone anyway.
+The relay's CPU is its utime+stime (/proc) over a relay-only blast of all
+its streams lasting one `traffic_sampling_period` (15 s), divided by the
+wall time of that blast.
+
+Entries per second: the conntrack CLI one process per entry (timed inside
+the namespace), and the relay's `ConntrackTable.install` / `remove_port`
+driven directly (`bench/entries.py`) with real latched streams: one batch
+= one commit of NOTRACK inhibitors, one netlink batch, one commit removing
+them."""

@@ -1,0 +1,330 @@
+/* udpsend: UDP load generator for the MediaProxy benchmarks.
+ *
+ * Streams come from a file (-P), one a line:  GROUP DST_IP SPORT DPORT
+ * (GROUP a small number, 0..15). Every stream sends fixed-size datagrams
+ * (RTP-looking, 172 bytes by default like G.711 at 20 ms) from SRC_IP:SPORT
+ * to DST_IP:DPORT.
+ *
+ * Groups are sent in turn, SLICE ms each (A B C A B C ...), so that the
+ * scenarios they stand for are measured under the same machine conditions
+ * even when the CPU speed drifts (it does, by 2x, on shared VMs). Within a
+ * slice the streams of the group are sent round-robin. With one group it
+ * simply blasts. At the end one JSON object goes to stdout:
+ *   {"mode": M, "seconds": S, "groups": [{"group": G, "streams": N,
+ *     "sent": N, "errors": N, "seconds": S}, ...]}
+ * ("seconds" of a group: the time spent sending its slices).
+ *
+ * Two ways to send (-m):
+ *   udp     one connected UDP socket per stream, bound to SRC_IP:SPORT;
+ *           sendmmsg of BATCH packets on one socket per turn: a phone's
+ *           stack, including the sender's own UDP/IP output path;
+ *   packet  one AF_PACKET socket on interface -i; Ethernet frames built here
+ *           (IPv4 and UDP checksums computed, so NAT has to fix them up) to
+ *           the next hop's MAC -M from the MAC of -i; sendmmsg of BATCH
+ *           frames that cycle through the group's streams packet by packet.
+ *           Skips the sender's own IP stack, so more of the CPU goes to the
+ *           forwarding being measured. Needs CAP_NET_RAW.
+ * Both use MSG_DONTWAIT; a refused packet (ENOBUFS, EAGAIN) counts as an error.
+ *
+ * udpsend -a SRC_IP -P FILE [-l SIZE] [-t SECONDS] [-r PPS] [-b BATCH]
+ *         [-S SLICE_MS] [-m udp|packet -i IFACE -M NEXT_HOP_MAC]
+ * -r PPS: total rate (paced); without it, as fast as possible.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/if_packet.h>
+#include <net/ethernet.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_BATCH 256
+#define MAX_STREAMS 65536
+#define MAX_GROUPS 16
+
+static volatile sig_atomic_t stop;
+static void on_signal(int sig) { (void)sig; stop = 1; }
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void usage(void) {
+    fprintf(stderr, "usage: udpsend -a SRC_IP -P FILE [-l SIZE] [-t SECONDS] [-r PPS] [-b BATCH] [-S SLICE_MS]\n"
+                    "               [-m udp|packet -i IFACE -M NEXT_HOP_MAC]\n"
+                    "FILE: lines GROUP DST_IP SPORT DPORT\n");
+    exit(2);
+}
+
+static uint16_t checksum(const void *data, size_t len, uint32_t sum) {
+    const uint8_t *p = data;
+    for (; len > 1; len -= 2, p += 2) sum += (p[0] << 8) | p[1];
+    if (len) sum += p[0] << 8;
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+static int parse_mac(const char *text, uint8_t mac[6]) {
+    unsigned v[6];
+    if (sscanf(text, "%x:%x:%x:%x:%x:%x", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]) != 6) return -1;
+    for (int i = 0; i < 6; i++) mac[i] = (uint8_t)v[i];
+    return 0;
+}
+
+/* An Ethernet + IPv4 + UDP frame into buf; returns its length. */
+static int build_frame(uint8_t *buf, const uint8_t dmac[6], const uint8_t smac[6], struct in_addr src,
+                       struct in_addr dst, int sport, int dport, const char *payload, int size, int id) {
+    memcpy(buf, dmac, 6);
+    memcpy(buf + 6, smac, 6);
+    buf[12] = 0x08;
+    buf[13] = 0x00;
+    uint8_t *ip = buf + 14, *udp = ip + 20;
+    int iplen = 20 + 8 + size;
+    memset(ip, 0, 20);
+    ip[0] = 0x45;
+    ip[2] = iplen >> 8;
+    ip[3] = iplen & 0xff;
+    ip[4] = (id >> 8) & 0xff;
+    ip[5] = id & 0xff;
+    ip[6] = 0x40; /* DF */
+    ip[8] = 64;
+    ip[9] = IPPROTO_UDP;
+    memcpy(ip + 12, &src, 4);
+    memcpy(ip + 16, &dst, 4);
+    uint16_t c = checksum(ip, 20, 0);
+    ip[10] = c >> 8;
+    ip[11] = c & 0xff;
+    udp[0] = sport >> 8;
+    udp[1] = sport & 0xff;
+    udp[2] = dport >> 8;
+    udp[3] = dport & 0xff;
+    udp[4] = (8 + size) >> 8;
+    udp[5] = (8 + size) & 0xff;
+    udp[6] = udp[7] = 0;
+    memcpy(udp + 8, payload, size);
+    uint32_t sum = 0; /* pseudo header: addresses, protocol, UDP length */
+    const uint8_t *a = ip + 12;
+    for (int i = 0; i < 8; i += 2) sum += (a[i] << 8) | a[i + 1];
+    sum += IPPROTO_UDP + 8 + size;
+    c = checksum(udp, 8 + size, sum);
+    if (c == 0) c = 0xffff;
+    udp[6] = c >> 8;
+    udp[7] = c & 0xff;
+    return 14 + iplen;
+}
+
+struct group {
+    int id, first, count, next; /* streams [first, first+count) after sorting */
+    unsigned long long sent, errors;
+    double seconds;
+};
+
+struct stream {
+    int group, sport, dport;
+    struct in_addr dst;
+};
+
+static int by_group(const void *a, const void *b) {
+    const struct stream *x = a, *y = b;
+    return x->group - y->group;
+}
+
+int main(int argc, char **argv) {
+    const char *src = NULL, *file = NULL, *mode = "udp", *ifname = NULL, *mac = NULL;
+    int size = 172, batch = 32;
+    double duration = 5.0, rate = 0.0, slice = 0.05;
+    int opt;
+    while ((opt = getopt(argc, argv, "a:P:l:t:r:b:S:m:i:M:")) != -1) {
+        switch (opt) {
+        case 'a': src = optarg; break;
+        case 'P': file = optarg; break;
+        case 'l': size = atoi(optarg); break;
+        case 't': duration = atof(optarg); break;
+        case 'r': rate = atof(optarg); break;
+        case 'b': batch = atoi(optarg); break;
+        case 'S': slice = atof(optarg) / 1000.0; break;
+        case 'm': mode = optarg; break;
+        case 'i': ifname = optarg; break;
+        case 'M': mac = optarg; break;
+        default: usage();
+        }
+    }
+    int packet_mode = strcmp(mode, "packet") == 0;
+    if (!src || !file || size < 12 || size > 1400 || batch < 1 || batch > MAX_BATCH || duration <= 0 || slice <= 0)
+        usage();
+    if (!packet_mode && strcmp(mode, "udp") != 0) usage();
+    if (packet_mode && (!ifname || !mac)) usage();
+
+    static struct stream streams[MAX_STREAMS];
+    int n = 0;
+    FILE *f = fopen(file, "r");
+    if (!f) { perror(file); return 1; }
+    char dst_text[64];
+    while (n < MAX_STREAMS &&
+           fscanf(f, "%d %63s %d %d", &streams[n].group, dst_text, &streams[n].sport, &streams[n].dport) == 4) {
+        if (streams[n].group < 0 || streams[n].group >= MAX_GROUPS ||
+            inet_pton(AF_INET, dst_text, &streams[n].dst) != 1) {
+            fprintf(stderr, "udpsend: bad stream line %d\n", n + 1);
+            return 2;
+        }
+        n++;
+    }
+    fclose(f);
+    if (n < 1) { fprintf(stderr, "udpsend: no streams in %s\n", file); return 2; }
+    qsort(streams, n, sizeof streams[0], by_group);
+    struct group groups[MAX_GROUPS];
+    int ngroups = 0;
+    for (int i = 0; i < n; i++) {
+        if (ngroups == 0 || groups[ngroups - 1].id != streams[i].group) {
+            memset(&groups[ngroups], 0, sizeof groups[0]);
+            groups[ngroups].id = streams[i].group;
+            groups[ngroups].first = i;
+            ngroups++;
+        }
+        groups[ngroups - 1].count++;
+    }
+
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+
+    /* An RTP-looking payload (version 2, PT 0): nothing on the path takes
+     * it for STUN. */
+    char *payload = calloc(1, size);
+    memset(payload, 0xd5, size);
+    payload[0] = (char)0x80;
+    payload[1] = 0;
+
+    struct in_addr src_addr;
+    if (inet_pton(AF_INET, src, &src_addr) != 1) usage();
+    int *fds = calloc(n, sizeof(int));
+    int pfd = -1, frame_len = 14 + 20 + 8 + size;
+    uint8_t *frames = NULL;
+    if (packet_mode) {
+        pfd = socket(AF_PACKET, SOCK_RAW, 0); /* protocol 0: sends only, receives nothing */
+        if (pfd < 0) { perror("socket(AF_PACKET)"); return 1; }
+        int one = 1;
+        setsockopt(pfd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
+        int sndbuf = 4 << 20;
+        setsockopt(pfd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof sndbuf);
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", ifname);
+        if (ioctl(pfd, SIOCGIFHWADDR, &ifr) < 0) { perror("SIOCGIFHWADDR"); return 1; }
+        uint8_t smac[6], dmac[6];
+        memcpy(smac, ifr.ifr_hwaddr.sa_data, 6);
+        if (parse_mac(mac, dmac) < 0) { fprintf(stderr, "udpsend: bad MAC %s\n", mac); return 2; }
+        struct sockaddr_ll ll = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_IP),
+                                 .sll_ifindex = (int)if_nametoindex(ifname)};
+        if (!ll.sll_ifindex || bind(pfd, (struct sockaddr *)&ll, sizeof ll) < 0) {
+            perror("bind(AF_PACKET)");
+            return 1;
+        }
+        frames = calloc(n, frame_len);
+        for (int i = 0; i < n; i++)
+            build_frame(frames + (size_t)i * frame_len, dmac, smac, src_addr, streams[i].dst, streams[i].sport,
+                        streams[i].dport, payload, size, i);
+    } else {
+        for (int i = 0; i < n; i++) {
+            int fd = socket(AF_INET, SOCK_DGRAM, 0);
+            if (fd < 0) { perror("socket"); return 1; }
+            int one = 1;
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+            int sndbuf = n > 64 ? 256 << 10 : 4 << 20;
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof sndbuf);
+            struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(streams[i].sport), .sin_addr = src_addr};
+            if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+                fprintf(stderr, "udpsend: bind %s:%d: %s\n", src, streams[i].sport, strerror(errno));
+                return 1;
+            }
+            struct sockaddr_in d = {.sin_family = AF_INET, .sin_port = htons(streams[i].dport), .sin_addr = streams[i].dst};
+            if (connect(fd, (struct sockaddr *)&d, sizeof d) < 0) { perror("connect"); return 1; }
+            fds[i] = fd;
+        }
+    }
+
+    struct mmsghdr msgs[MAX_BATCH];
+    struct iovec iov[MAX_BATCH];
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < batch; i++) {
+        iov[i].iov_base = payload;
+        iov[i].iov_len = size;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    unsigned long long total = 0;
+    double start = now(), end = start + duration, t = start;
+    int g = 0;
+    double slice_start = start, slice_end = ngroups > 1 ? start + slice : end;
+    unsigned long iterations = 0;
+    while (!stop) {
+        if ((iterations++ & 7) == 0 || rate > 0) {
+            t = now();
+            if (t >= end) break;
+            if (t >= slice_end) {
+                groups[g].seconds += t - slice_start;
+                g = (g + 1) % ngroups;
+                slice_start = t;
+                slice_end = t + slice < end ? t + slice : end;
+            }
+        }
+        if (rate > 0) {
+            double due = start + total / rate;
+            if (due > t) {
+                double wait = due - t;
+                if (wait > 0.0002) {
+                    struct timespec ts = {.tv_sec = (time_t)wait, .tv_nsec = (long)((wait - (time_t)wait) * 1e9)};
+                    nanosleep(&ts, NULL);
+                }
+                continue;
+            }
+        }
+        struct group *gr = &groups[g];
+        int r;
+        if (packet_mode) {
+            for (int i = 0; i < batch; i++) {
+                iov[i].iov_base = frames + (size_t)(gr->first + gr->next) * frame_len;
+                iov[i].iov_len = frame_len;
+                if (++gr->next == gr->count) gr->next = 0;
+            }
+            r = sendmmsg(pfd, msgs, batch, MSG_DONTWAIT);
+        } else {
+            r = sendmmsg(fds[gr->first + gr->next], msgs, batch, MSG_DONTWAIT);
+            if (++gr->next == gr->count) gr->next = 0;
+        }
+        if (r > 0) {
+            gr->sent += r;
+            total += r;
+            if (r < batch) gr->errors += batch - r;
+        } else {
+            gr->errors += batch; /* ENOBUFS/EAGAIN: the path is saturated */
+            total += batch;      /* pacing counts attempts */
+        }
+    }
+    double stop_time = now();
+    groups[g].seconds += stop_time - slice_start;
+    printf("{\"mode\": \"%s\", \"seconds\": %.4f, \"groups\": [", mode, stop_time - start);
+    for (int i = 0; i < ngroups; i++)
+        printf("%s{\"group\": %d, \"streams\": %d, \"sent\": %llu, \"errors\": %llu, \"seconds\": %.4f}", i ? ", " : "",
+               groups[i].id, groups[i].count, groups[i].sent, groups[i].errors, groups[i].seconds);
+    printf("]}\n");
+    return 0;
+}
