@@ -23,12 +23,15 @@ MAX_BIND_ATTEMPTS = 64
 
 class RelayCore:
     def __init__(self, advertised_ip: str, ports: PortPool, forwarding: Forwarding, now: float,
-                 routable=lambda ip: True, version: str = __version__):
+                 routable=lambda ip: True, version: str = __version__, stream_timeout: float = 90,
+                 on_hold_timeout: float = 7200):
         self.advertised_ip = advertised_ip
         self.ports = ports
         self.forwarding = forwarding
         self.routable = routable
         self.version = version
+        self.stream_timeout = stream_timeout
+        self.on_hold_timeout = on_hold_timeout
         self.started = now
         self.sessions = {}
         self.halting = False
@@ -118,6 +121,25 @@ class RelayCore:
         session.close(self, now)
         log.info("session %s expired", session.call_id)
         return session.owner, session_statistics(session, self.advertised_ip, now)
+
+    def check_timeouts(self, now: float) -> list:
+        """End the streams silent for too long; (owner, statistics) of each session that ended with them."""
+        expired = []
+        for session in list(self.sessions.values()):
+            for stream in session.active_streams:
+                timed_out = stream.timed_out(now, self.stream_timeout, self.on_hold_timeout)
+                if timed_out is not None:
+                    result = self.stream_expired(stream, *timed_out, now)
+                    if result is not None:
+                        expired.append(result)
+            if not session.active_streams and session.call_id in self.sessions:
+                # every stream was rejected or disabled: nothing will ever time out
+                if now - session.created >= self.stream_timeout:
+                    del self.sessions[session.call_id]
+                    session.close(self, now)
+                    log.info("session %s expired: it has no streams", session.call_id)
+                    expired.append((session.owner, session_statistics(session, self.advertised_ip, now)))
+        return expired
 
     def close_all(self, now: float) -> None:
         for session in self.sessions.values():

@@ -18,6 +18,7 @@ from mediaproxy.tls import ContextFactory, Credentials
 log = logging.getLogger("mediaproxy.relay")
 
 SLOW_SAMPLING = 0.010      # seconds: a sampling pass slower than this is logged
+TIMEOUT_CHECK_INTERVAL = 1    # seconds between looks for silent streams
 
 
 class StartupError(Exception):
@@ -56,7 +57,8 @@ class RelayService(service.MultiService):
         advertised_ip = config.advertised_ip or self.relay_ip
         self.forwarding = self._make_forwarding(config, reactor)
         self.core = RelayCore(advertised_ip, PortPool(*config.port_range), self.forwarding, reactor.seconds(),
-                              routable_predicate(config.routable_private_ranges))
+                              routable_predicate(config.routable_private_ranges),
+                              stream_timeout=config.stream_timeout, on_hold_timeout=config.on_hold_timeout)
         self.links = set()
         self.credentials = Credentials(configuration.config_path(configuration.tls.certs_path), "relay")
         factory = DispatcherLinkFactory(self, self.credentials, config.passport, configuration.tls.verify_interval,
@@ -67,6 +69,9 @@ class RelayService(service.MultiService):
         sampler = internet.TimerService(config.traffic_sampling_period, self._sample_traffic)
         sampler.clock = reactor
         sampler.setServiceParent(self)
+        timeouts = internet.TimerService(TIMEOUT_CHECK_INTERVAL, self._check_timeouts)
+        timeouts.clock = reactor
+        timeouts.setServiceParent(self)
 
     def _make_forwarding(self, config, reactor):
         if config.kernel_forwarding == "no":
@@ -86,14 +91,19 @@ class RelayService(service.MultiService):
 
     def _stream_expired(self, stream, status, timeout_wait):
         expired = self.core.stream_expired(stream, status, timeout_wait, self.reactor.seconds())
-        if expired is None:
-            return
-        owner_ip, statistics = expired
+        if expired is not None:
+            self._report_expired(*expired)
+
+    def _check_timeouts(self):
+        for owner_ip, statistics in self.core.check_timeouts(self.reactor.seconds()):
+            self._report_expired(owner_ip, statistics)
+
+    def _report_expired(self, owner_ip, statistics):
         owner = next((link for link in self.links if link.peer_ip == owner_ip), None)
         if owner is None:
             log.warning("session %s expired while its dispatcher %s is not connected", statistics["call_id"], owner_ip)
-            return
-        owner.send_expired(statistics)
+        else:
+            owner.send_expired(statistics)
         self._stop_if_done()
 
     def startService(self):

@@ -20,7 +20,7 @@ Rules kept here (everything that changes a session's streams lives here):
 from typing import Optional, Protocol
 
 from mediaproxy.protocol.proxy import UpdateRequest
-from mediaproxy.relay.streams import CALLEE, CALLER, MediaStream, other_party
+from mediaproxy.relay.streams import CALLEE, CALLER, CLOSED, REJECTED, MediaStream, other_party
 
 
 class StreamAllocator(Protocol):
@@ -127,15 +127,15 @@ class Session:
                 matched.append(stream)
         except Exception:
             for stream in opened:
-                allocator.close_stream(stream, "closed", now)
+                allocator.close_stream(stream, CLOSED, now)
             raise
         # Phase 2: commit.
         for stream in self.streams:
             if stream is not None and stream not in matched:
-                allocator.close_stream(stream, "closed", now)
+                allocator.close_stream(stream, CLOSED, now)
         for stream, media in zip(matched, media_list):
             if stream is not None:
-                stream.describe(offerer, media)
+                stream.describe(offerer, media, now)
         self.all_streams.extend(opened)
         self.streams = matched
 
@@ -144,14 +144,14 @@ class Session:
             if stream is None or stream.ended:
                 continue
             if index >= len(media_list) or media_list[index].disabled:
-                allocator.close_stream(stream, "rejected", now)
+                allocator.close_stream(stream, REJECTED, now)
                 self.streams[index] = None
             else:
-                stream.describe(answerer, media_list[index])
+                stream.describe(answerer, media_list[index], now)
         if self.start_time is None:
             self.start_time = now
 
-    def close(self, allocator: StreamAllocator, now: float, status: str = "closed") -> None:
+    def close(self, allocator: StreamAllocator, now: float, status: str = CLOSED) -> None:
         for stream in self.all_streams:
             if not stream.ended:
                 allocator.close_stream(stream, status, now)

@@ -16,6 +16,11 @@ CALLER, CALLEE = "caller", "callee"
 RTP, RTCP = 0, 1
 PARTIES = (CALLER, CALLEE)
 
+# How streams end (SPEC §6).
+CLOSED, REJECTED = "closed", "rejected"
+NO_TRAFFIC_TIMEOUT, ON_HOLD_TIMEOUT = "no-traffic timeout", "on hold timeout"
+CONNTRACK_TIMEOUT, UNSELECTED_ICE = "conntrack timeout", "unselected ICE candidate"
+
 
 def other_party(party: str) -> str:
     return CALLEE if party == CALLER else CALLER
@@ -89,6 +94,8 @@ class MediaStream:
         self.call_id = None
         self.legs = {CALLER: Leg(caller_port), CALLEE: Leg(callee_port)}
         self.created = now
+        self.last_activity = now          # the last packet, or the last change of hold: timers count from here
+        self.in_kernel = False            # its RTP is relayed by the kernel, whose entry times it out
         self.first_media_time = None
         self.end_time = None
         self.status = None                # set when the stream ends: closed, rejected, ... timeout
@@ -121,10 +128,31 @@ class MediaStream:
         """Both parties latched and sending media (not only STUN): the kernel may take over."""
         return all(leg.media_seen[component] for leg in self.legs.values())
 
-    def describe(self, party: str, media: MediaDescription) -> None:
+    def describe(self, party: str, media: MediaDescription, now: float) -> None:
         """Take `party`'s SDP for this stream; a changed address undoes its latch."""
+        was_on_hold = self.on_hold
         if self.legs[party].describe(media):
             self.listener.unlatched(self)
+        if self.on_hold != was_on_hold:
+            self.last_activity = now      # hold and un-hold start the timer that fits again
+
+    @property
+    def ice(self) -> bool:
+        return all(leg.ice for leg in self.legs.values())
+
+    def timed_out(self, now: float, stream_timeout: float, on_hold_timeout: float):
+        """(status, timeout_wait) when this stream has been silent too long, else None.
+
+        Streams the kernel relays are timed out by their conntrack entries instead.
+        """
+        if self.end_time is not None or self.in_kernel:
+            return None
+        wait = on_hold_timeout if self.on_hold else stream_timeout
+        if now - self.last_activity < wait:
+            return None
+        if self.ice and self.first_media_time is None:
+            return UNSELECTED_ICE, wait
+        return (ON_HOLD_TIMEOUT if self.on_hold else NO_TRAFFIC_TIMEOUT), wait
 
     def on_packet(self, party: str, component: int, source, data: bytes, now: float):
         """A packet from `party`'s side: where to send it, as (out_port, destination), or None to drop."""
@@ -139,6 +167,7 @@ class MediaStream:
             return None
         leg.packets[component] += 1
         leg.bytes[component] += len(data)
+        self.last_activity = now
         peer = self.legs[other_party(party)]
         if not leg.media_seen[component] and not is_stun(data):
             # STUN is relayed but never hands a stream to the kernel: ICE may still move it.

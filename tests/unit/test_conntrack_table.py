@@ -206,12 +206,12 @@ def test_a_moved_party_takes_its_stream_out_of_the_kernel():
             self.events.append(("unlatched",))
     stream = MediaStream("audio", 40000, 40002, 0.0)
     stream.listener = listener = Listener()
-    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4000))
+    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4000), 0.5)
     stream.on_packet(CALLER, RTP, CALLER_ADDRESS, b"x", 1.0)
     stream.on_packet(CALLEE, RTP, CALLEE_ADDRESS, b"x", 1.0)
     stream.on_packet(CALLEE, RTP, CALLEE_ADDRESS, b"x", 1.0)
-    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4000))        # same address: nothing
-    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4100))
+    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4000), 2.0)        # same address: nothing
+    stream.describe(CALLER, MediaDescription("audio", "198.51.100.10", 4100), 3.0)
     assert listener.events == [("latched", RTP), ("unlatched",)]
     assert stream.leg(CALLER).latched == [None, None]
 

@@ -121,6 +121,8 @@ class ConntrackTable:
                             "RTP" if entry.component == RTP else "RTCP", entry.orig, os.strerror(error))
                 continue
             self.by_orig[entry.orig] = entry
+            if entry.component == RTP:
+                entry.stream.in_kernel = True
             for leg in entry.stream.legs.values():
                 self.by_port.setdefault(leg.port, set()).add(entry)
                 self.kernel_ports.add(leg.port + entry.component)
@@ -150,6 +152,8 @@ class ConntrackTable:
 
     def _forget(self, entry: KernelEntry) -> None:
         self.by_orig.pop(entry.orig, None)
+        if entry.component == RTP:
+            entry.stream.in_kernel = False
         for leg in entry.stream.legs.values():
             self.kernel_ports.discard(leg.port + entry.component)
             ports = self.by_port.get(leg.port)

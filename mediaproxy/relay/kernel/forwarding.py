@@ -14,12 +14,11 @@ from zope.interface import implementer
 from mediaproxy.relay.kernel.conntrack import IPV4_UDP_HEADERS, ConntrackTable, entry_for, udp_stream_timeout
 from mediaproxy.relay.kernel.iptables import IptablesError
 from mediaproxy.relay.kernel.netlink import EventSocket, NetlinkError
-from mediaproxy.relay.streams import CALLER, RTP
+from mediaproxy.relay.streams import CALLER, CONNTRACK_TIMEOUT, RTP
 from mediaproxy.relay.userspace import UserspaceForwarding
 
 log = logging.getLogger("mediaproxy.relay")
 
-CONNTRACK_TIMEOUT = "conntrack timeout"
 
 
 @implementer(IReadDescriptor)
@@ -140,6 +139,12 @@ class KernelForwarding(UserspaceForwarding):
         if not ended:
             return
         timeout_wait = udp_stream_timeout()
+        now = self.reactor.seconds()
         for entry in ended:
-            if entry.component == RTP:
-                self.on_expired(entry.stream, CONNTRACK_TIMEOUT, timeout_wait)
+            if entry.component != RTP:
+                continue
+            if entry.stream.on_hold:
+                # Silence is what hold is: the hold timer of user space takes over.
+                entry.stream.last_activity = now
+                continue
+            self.on_expired(entry.stream, CONNTRACK_TIMEOUT, timeout_wait)
