@@ -255,14 +255,18 @@ def sip_header(message: str, name: str) -> str:
 
 
 class Capture:
-    """tcpdump of UDP on ``eth0`` of a host, written to a pcap file."""
+    """tcpdump of UDP on ``eth0`` of a host, written to a pcap file.
+
+    In immediate mode: otherwise the kernel hands packets over in blocks and
+    the last fraction of a second before ``stop()`` may never reach the file.
+    """
 
     def __init__(self, topology: Topology, host: str, path: Path, bpf: str = "udp") -> None:
         self.path = path
         self.host = host
         self.process = topology.spawn(
             host,
-            ["tcpdump", "-i", "eth0", "-n", "-U", "-Z", "root", "-s", "0", "-w", path, bpf],
+            ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-Z", "root", "-s", "0", "-w", path, bpf],
             name=f"tcpdump-{host}",
         )
         self.process.wait_for_log(r"listening on eth0", timeout=10)
