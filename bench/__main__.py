@@ -50,9 +50,9 @@ def main(argv=None) -> int:
                              "writes to bench/build/smoke unless --output is given")
     parser.add_argument("--output", type=Path, help="where RESULTS.md and results.json go (default bench/)")
     parser.add_argument("--streams", help="comma list of stream counts (default 1,1000)")
-    parser.add_argument("--rounds", type=int, help="interleaved blasts per stream count (default 3)")
+    parser.add_argument("--rounds", type=int, help="interleaved blasts per stream count (default 5)")
     parser.add_argument("--udp-rounds", type=int, help="the same with the UDP-socket sender (default 1; 0: none)")
-    parser.add_argument("--group-seconds", type=float, help="sending time per scenario in one blast (default 2)")
+    parser.add_argument("--group-seconds", type=float, help="sending time per scenario in one blast, s (default 1.2)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and configs")
     args = parser.parse_args(argv)
 

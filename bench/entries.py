@@ -15,7 +15,9 @@ the relay's bookkeeping and rules: the same entries created and deleted by
 bare ``ConntrackSocket.transact`` batches.
 
 Prints one JSON object: per run, entries, batch, install_s, remove_s,
-installed_per_s, removed_per_s, missing (entries the kernel did not have).
+installed_per_s, removed_per_s, missing (entries the kernel did not have),
+dump_ms (one ctnetlink dump of our entries, COUNT of them); empty_dump_ms
+(a dump that finds nothing) and the kernel's conntrack_buckets.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ def run_api(table, streams, batch: int, relay_ip: str, mark: int) -> dict:
     for k in range(0, len(entries), batch):
         installed += len(table.install(entries[k:k + batch]))
     install_s = time.perf_counter() - start
-    in_kernel = {entry.orig for entry in table.netlink.dump(mark)}
+    start = time.perf_counter()
+    dumped = table.netlink.dump(mark)
+    dump_s = time.perf_counter() - start
+    in_kernel = {entry.orig for entry in dumped}
     missing = sum(1 for entry in entries if entry.orig not in in_kernel)
     start = time.perf_counter()
     removed = 0
@@ -62,7 +67,7 @@ def run_api(table, streams, batch: int, relay_ip: str, mark: int) -> dict:
     left = len(table.netlink.dump(mark))
     return {"api": "ConntrackTable.install/remove_port", "entries": len(entries), "batch": batch,
             "installed": installed, "missing": missing, "removed": removed, "left": left,
-            "install_s": install_s, "remove_s": remove_s,
+            "install_s": install_s, "remove_s": remove_s, "dump_ms": dump_s * 1000,
             "installed_per_s": installed / install_s if install_s > 0 else None,
             "removed_per_s": removed / remove_s if remove_s > 0 else None}
 
@@ -118,6 +123,13 @@ def main(argv=None) -> int:
     table = ConntrackTable(netlink, iptables, args.relay_ip, args.mark)
     results = []
     try:
+        # a dump walks the kernel's whole conntrack hash table (all namespaces
+        # share it), whatever the number of entries
+        netlink.dump(args.mark)
+        start = time.perf_counter()
+        for _ in range(5):
+            netlink.dump(args.mark)
+        empty_dump_ms = (time.perf_counter() - start) / 5 * 1000
         for run in args.runs.split(","):
             count, batch = (int(x) for x in run.split(":"))
             streams = make_streams(count, args.relay_ip, args.caller_ip, args.callee_ip, args.base_port)
@@ -137,7 +149,13 @@ def main(argv=None) -> int:
             netlink.transact(requests)
         iptables.remove_stale_inhibitors()
         netlink.close()
-    json.dump({"runs": results}, sys.stdout)
+    buckets = None
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_buckets") as f:
+            buckets = int(f.read())
+    except (OSError, ValueError):
+        pass
+    json.dump({"runs": results, "empty_dump_ms": empty_dump_ms, "conntrack_buckets": buckets}, sys.stdout)
     sys.stdout.write("\n")
     return 0
 

@@ -68,9 +68,9 @@ API_MARK = 0x4D5B
 @dataclass
 class Options:
     streams: tuple[int, ...] = (1, 1000)
-    rounds: int = 3                     # interleaved blasts per stream count, packet sender
+    rounds: int = 5                     # interleaved blasts per stream count, packet sender
     udp_rounds: int = 1                 # the same with the UDP-socket sender (cross-check)
-    group_seconds: float = 2.0          # sending time per scenario within one blast
+    group_seconds: float = 1.2          # sending time per scenario within one blast
     cpu_seconds: float = 15.0           # relay-only blast while its CPU is read: one traffic
                                         # sampling period (15 s by default), so a pass falls inside
     cli_entries: int = 200
@@ -248,6 +248,7 @@ def run(opts: Options, workdir: Path) -> Results:
     n_max = max(opts.streams)
     manager = ProcessManager(workdir / "logs")
     daemons = None
+    details["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
     with RoutedTopology() as topo:
         try:
             topo.ping()
@@ -390,6 +391,8 @@ def start_relay(topo, daemons: Daemons, n_max: int, details: dict):
 def record_api(api: dict, results: Results) -> None:
     numbers = results.numbers
     results.details["entries_api"] = api
+    numbers["conntrack_dump_ms_empty"] = round(api["empty_dump_ms"], 2)
+    numbers["conntrack_buckets"] = api["conntrack_buckets"]
     table_runs = [item for item in api["runs"] if item["api"].startswith("ConntrackTable")]
     biggest = max((item["batch"] for item in table_runs), default=None)
     for item in api["runs"]:
@@ -398,6 +401,7 @@ def record_api(api: dict, results: Results) -> None:
             numbers["entries_removed_per_s"] = round(item["removed_per_s"])
             numbers["entries_api_batch"] = item["batch"]
             numbers["entries_api_missing"] = item["missing"]
+            numbers[f"conntrack_dump_ms_{item['entries']}"] = round(item["dump_ms"], 2)
         elif item in table_runs:
             numbers[f"entries_installed_per_s_batch_{item['batch']}"] = round(item["installed_per_s"])
         else:
@@ -438,6 +442,7 @@ def measure_relay(topo, binaries, opts: Options, calls, daemons: Daemons, result
         "streams": n_max, "wall_s": round(wall, 3), "sent": group.sent, "received": group.received,
         "pps": round(group.pps), "kernel_entry_packets": kernel_packets,
         "cpu_percent": {k: round(v, 2) for k, v in cpu.items()},
+        "cpu_total_s": {k: round(v, 2) for k, v in cpu_after.items()},   # since start: proves the pids
         "userspace_packets_before": summary_before.get("userspace_packets"),
         "userspace_packets_after": summary_after.get("userspace_packets"),
         "kernel_entries": summary_after.get("kernel_entries"),

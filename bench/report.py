@@ -44,6 +44,7 @@ def machine() -> dict:
             "os": _cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]), "python": platform.python_version(),
             "iptables": _cmd(["iptables-legacy", "--version"]), "conntrack": _cmd(["conntrack", "--version"]),
             "commit": commit + ("+dirty" if dirty else ""),
+            "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -91,7 +92,10 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
                   "figures mean nothing, only that every scenario ran.", ""]
     lines += [f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, kernel {info['kernel']}, "
               f"{info['os']}, Python {info['python']}, {info['iptables']}, {info['conntrack']}. "
-              f"Commit {info['commit']}, {info['date']}, run took {elapsed:.0f} s.", ""]
+              f"Commit {info['commit']}, {info['date']}, run took {elapsed:.0f} s. Load average (1, 5, 15 min) "
+              f"at the start {' '.join(results.details.get('loadavg_start', []))}, at the end "
+              f"{' '.join(info['loadavg_end'])}: other work on the machine during the run shows as noise in "
+              f"the absolute figures; the ratios are taken within each blast.", ""]
 
     lines += ["## Kernel path (issue 4; issue 8 item 6)", "",
               "Packets per second delivered at the callee (G.711-sized datagrams, 172 bytes of payload): the "
@@ -152,6 +156,10 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
         *[(f"entries installed/s, relay API, batches of {b}", f"entries_installed_per_s_batch_{b}", 0)
           for b in (100, 10, 1)],
         ("entries removed/s, conntrack CLI", "entries_removed_per_s_cli", 0),
+        ("one ctnetlink dump finding nothing (ms; it walks the whole hash table)", "conntrack_dump_ms_empty", 2),
+        *[(f"one ctnetlink dump of {c:,} entries by mark (ms)", f"conntrack_dump_ms_{c}", 2) for c in (1000, 100)],
+        ("the kernel's conntrack hash buckets (nf_conntrack_buckets, shared by all namespaces)",
+         "conntrack_buckets", 0),
     ]
     for title, key, digits in extra:
         if key is None:
