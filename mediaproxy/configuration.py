@@ -209,6 +209,7 @@ class TLSConfig:
 @dataclass(frozen=True)
 class OpenSIPSConfig:
     socket_path: str = option(parse_text, "/run/opensips/socket")
+    proxy: str = option(parse_choice("auto", "opensips", "kamailio"), "auto")
     max_connections: int = option(parse_positive_integer, 10)
 
 

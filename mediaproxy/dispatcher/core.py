@@ -34,8 +34,9 @@ class SessionRecord:
 
 
 class Dispatcher:
-    def __init__(self, clock, policy=None, rng=None, accounting=()):
+    def __init__(self, clock, policy=None, rng=None, accounting=(), dialogs=None):
         self.clock = clock
+        self.dialogs = dialogs          # ends SIP dialogs through the proxy (DialogTerminator), or None
         self.policy = policy or PreferredThenRandom()
         self.rng = rng or random.Random()
         self.accounting = list(accounting)
@@ -73,6 +74,7 @@ class Dispatcher:
             if record.relay_ip == link.ip and call_id not in held:
                 del self.sessions[call_id]
                 log.warning("session %s is gone from relay %s", call_id, link.ip)
+                self._end_dialog(record)
 
     def available_relays(self) -> list:
         return [relay for relay in self.relays.values() if relay.active and not relay.halting]
@@ -197,11 +199,18 @@ class Dispatcher:
         statistics["all_streams_ice"] = all_ice
         if statistics.get("start_time") is None:
             return                                  # never answered: nothing to account
+        if statistics["timed_out"]:
+            record.dialog_id = statistics["dialog_id"]
+            self._end_dialog(record)
         for backend in self.accounting:
             try:
                 backend.save(statistics)
             except Exception:
                 log.exception("accounting of session %s failed", record.call_id)
+
+    def _end_dialog(self, record: SessionRecord) -> None:
+        if self.dialogs is not None and record.dialog_id:
+            self.dialogs.end_dialog(record.dialog_id, record.call_id)
 
     # The management interface.
 

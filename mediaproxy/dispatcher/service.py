@@ -8,6 +8,7 @@ import socket
 from twisted.application import internet, service
 
 from mediaproxy.dispatcher.core import Dispatcher
+from mediaproxy.dispatcher.dialogs import DialogTerminator
 from mediaproxy.dispatcher.frontends import ManagementFactory, ProxyFactory
 from mediaproxy.dispatcher.relaylink import RelayLinkFactory
 from mediaproxy.tls import ContextFactory, Credentials
@@ -45,7 +46,10 @@ class DispatcherService(service.MultiService):
         config = configuration.dispatcher
         certs_path = configuration.config_path(configuration.tls.certs_path)
         self.credentials = Credentials(certs_path, "dispatcher")
-        self.dispatcher = Dispatcher(reactor)
+        self.dialogs = DialogTerminator(configuration.opensips.socket_path,
+                                        configuration.runtime_path("dispatcher-rpc.sock"),
+                                        configuration.opensips.proxy, reactor)
+        self.dispatcher = Dispatcher(reactor, dialogs=self.dialogs)
         self.socket_path = configuration.runtime_path(config.socket_path)
 
         relays = RelayLinkFactory(self.dispatcher, config, self.credentials, reactor)
@@ -69,6 +73,7 @@ class DispatcherService(service.MultiService):
         os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
         remove_stale_socket(self.socket_path)
         self._proxy_port = self.reactor.listenUNIX(self.socket_path, ProxyFactory(self.dispatcher), mode=0o660)
+        self.dialogs.start()
         super().startService()
         config = self.configuration.dispatcher
         log.info("listening for the proxy on %s, relays on %s:%d, management on %s:%d (%s)",
@@ -76,6 +81,7 @@ class DispatcherService(service.MultiService):
                  "TLS" if config.management_use_tls else "plain TCP")
 
     def stopService(self):
+        self.dialogs.stop()
         deferred = super().stopService()
         if getattr(self, "_proxy_port", None) is not None:
             self._proxy_port.stopListening()       # Twisted removes the socket file

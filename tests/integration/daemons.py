@@ -351,7 +351,8 @@ class Cluster:
     def management_address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.management_port)
 
-    def start_dispatcher(self, management_use_tls: bool = False, **options) -> Process:
+    def start_dispatcher(self, management_use_tls: bool = False, sections: Mapping | None = None,
+                         **options) -> Process:
         self.listen_port = free_tcp_port()
         self.management_port = free_tcp_port()
         self.management_tls = management_use_tls
@@ -363,7 +364,7 @@ class Cluster:
         config.update(options)
         self.dispatcher_config = config
         config_dir = self.workdir / "dispatcher"
-        write_config(config_dir, {"Dispatcher": config, "TLS": {"certs_path": self.certs.path}})
+        write_config(config_dir, {"Dispatcher": config, "TLS": {"certs_path": self.certs.path}, **(sections or {})})
         runtime = self.runtime_root / "dispatcher"
         self.dispatcher = self.manager.start("dispatcher", [
             PYTHON, DISPATCHER_SCRIPT, "--config-dir", config_dir, "--runtime-dir", runtime, "--no-fork"],
@@ -377,8 +378,9 @@ class Cluster:
 
     def start_relay(self, ip: str, certs_path: Path | None = None, wait: bool = True, **options) -> Process:
         start, end = media_port_range()
+        # On loopback in this host's own namespace: user space only (tests/kernel covers the kernel path).
         config = {"dispatchers": f"127.0.0.1:{self.listen_port}", "relay_ip": ip,
-                  "port_range": f"{start}:{end}", "reconnect_delay": 1}
+                  "port_range": f"{start}:{end}", "reconnect_delay": 1, "kernel_forwarding": "no"}
         config.update(options)
         config_dir = self.workdir / f"relay-{ip}"
         write_config(config_dir, {"Relay": config, "TLS": {"certs_path": certs_path or self.certs.path}})
