@@ -31,6 +31,7 @@ class SessionRecord:
     dialog_id: Optional[str] = None
     from_tag: Optional[str] = None
     to_tag: Optional[str] = None
+    last_seen: float = 0.0          # the last request or relay listing that named it
 
 
 class Dispatcher:
@@ -42,6 +43,8 @@ class Dispatcher:
         self.accounting = list(accounting)
         self.relays = {}            # relay ip -> RelayLink
         self.sessions = {}          # call_id -> SessionRecord
+        self.missing_relays = {}    # relay ip -> since when a relay holding sessions is not connected
+        self.pending_removes = {}   # relay ip -> {call_id: headers} of removes waiting for it to come back
         self._call_locks = {}
 
     # Relays coming and going.
@@ -54,27 +57,71 @@ class Dispatcher:
             old.transport.abortConnection()
         else:
             log.info("relay %s connected", link.ip)
+        self.missing_relays.pop(link.ip, None)
+        for call_id, headers in self.pending_removes.pop(link.ip, {}).items():
+            self._send_remove(link, call_id, headers)
         self._reconcile(link)
 
     def relay_disconnected(self, link, reason: str) -> None:
         if self.relays.get(link.ip) is link:
             del self.relays[link.ip]
             log.warning("relay %s disconnected: %s", link.ip, reason)
+            self.missing_relays.setdefault(link.ip, self.clock.seconds())
 
     @defer.inlineCallbacks
     def _reconcile(self, link):
-        """Forget the sessions this relay no longer has (it may have restarted)."""
+        """Match our table with the relay's own list of our sessions: forget what it no
+        longer has (it may have restarted), adopt what we did not know (we may have)."""
         try:
             answer = yield link.send_command("sessions")
-            held = {session["call_id"] for session in json.loads(answer)}
+            held = {session["call_id"]: session for session in json.loads(answer)}
         except (RelayError, ValueError, TypeError, KeyError) as e:
             log.warning("could not list the sessions of relay %s: %s", link.ip, e)
             return
+        now = self.clock.seconds()
         for call_id, record in list(self.sessions.items()):
             if record.relay_ip == link.ip and call_id not in held:
                 del self.sessions[call_id]
                 log.warning("session %s is gone from relay %s", call_id, link.ip)
                 self._end_dialog(record)
+        for call_id, session in held.items():
+            record = self.sessions.get(call_id)
+            if record is None:
+                self.sessions[call_id] = SessionRecord(call_id, link.ip, now, session.get("dialog_id"),
+                                                       session.get("from_tag"), session.get("to_tag"), now)
+                log.info("session %s on relay %s adopted", call_id, link.ip)
+            elif record.relay_ip == link.ip:
+                record.last_seen = now
+
+    def restore(self, records) -> None:
+        """Sessions saved by an earlier run; their relays are missing until they connect."""
+        now = self.clock.seconds()
+        for record in records:
+            record.last_seen = max(record.last_seen, now)
+            self.sessions.setdefault(record.call_id, record)
+            if record.relay_ip not in self.relays:
+                self.missing_relays.setdefault(record.relay_ip, now)
+        if records:
+            log.info("restored %d sessions on %d relays", len(records), len({r.relay_ip for r in records}))
+
+    def clean_up(self, dead_relays_after: float, expired_sessions_after: float) -> None:
+        """Forget the sessions of relays gone for too long, and sessions nothing named for too long."""
+        now = self.clock.seconds()
+        for relay_ip, since in list(self.missing_relays.items()):
+            if relay_ip in self.relays:
+                del self.missing_relays[relay_ip]
+            elif now - since >= dead_relays_after:
+                del self.missing_relays[relay_ip]
+                lost = [call_id for call_id, r in self.sessions.items() if r.relay_ip == relay_ip]
+                for call_id in lost:
+                    del self.sessions[call_id]
+                if lost:
+                    log.warning("relay %s did not come back in %d s: forgot its %d sessions", relay_ip,
+                                dead_relays_after, len(lost))
+        for call_id, record in list(self.sessions.items()):
+            if now - record.last_seen >= expired_sessions_after:
+                del self.sessions[call_id]
+                log.warning("session %s: nothing heard of it for %d s, forgotten", call_id, expired_sessions_after)
 
     def available_relays(self) -> list:
         return [relay for relay in self.relays.values() if relay.active and not relay.halting]
@@ -118,6 +165,7 @@ class Dispatcher:
             except RelayError as e:
                 log.error("session %s: %s", update.call_id, e)
                 return "error"
+            record.last_seen = self.clock.seconds()
             if update.dialog_id and not record.dialog_id:
                 record.dialog_id = update.dialog_id
             return "error" if result == "halting" else result
@@ -134,8 +182,9 @@ class Dispatcher:
             if result == "error":
                 log.warning("session %s: relay %s answered error, trying the next relay", update.call_id, relay.ip)
                 continue
-            self.sessions[update.call_id] = SessionRecord(update.call_id, relay.ip, self.clock.seconds(),
-                                                          update.dialog_id, update.from_tag, update.to_tag)
+            now = self.clock.seconds()
+            self.sessions[update.call_id] = SessionRecord(update.call_id, relay.ip, now, update.dialog_id,
+                                                          update.from_tag, update.to_tag, now)
             log.info("session %s on relay %s", update.call_id, relay.ip)
             return result
         log.error("session %s: no relay could take it (%d connected)", update.call_id, len(self.relays))
@@ -149,22 +198,29 @@ class Dispatcher:
         if record is None:
             log.warning("remove of unknown session %s", remove.call_id)
             return "error"
-        relay = self._holding_relay(record)
+        relay = self.relays.get(record.relay_ip)
         if relay is None:
-            return "error"
+            # e.g. the dispatcher restarted and the relay has not reconnected yet
+            log.info("session %s: its relay %s is not connected, it is removed there when it is",
+                     remove.call_id, record.relay_ip)
+            self.pending_removes.setdefault(record.relay_ip, {})[remove.call_id] = dict(headers)
+            return "removed"
+        return (yield self._send_remove(relay, remove.call_id, headers))
+
+    @defer.inlineCallbacks
+    def _send_remove(self, relay, call_id: str, headers):
         try:
             result = yield relay.send_command("remove", headers)
         except RelayError as e:
-            log.error("session %s: remove failed: %s", remove.call_id, e)
+            log.error("session %s: remove failed: %s", call_id, e)
             return "error"
-        if self.sessions.get(remove.call_id) is record:
-            del self.sessions[remove.call_id]
+        record = self.sessions.pop(call_id, None) or SessionRecord(call_id, relay.ip, self.clock.seconds())
         try:
             statistics = json.loads(result)
         except ValueError:
             statistics = None
         if not isinstance(statistics, dict):
-            log.error("session %s: relay %s answered remove with %r", remove.call_id, relay.ip, result[:80])
+            log.error("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
             return "error"
         self.session_ended(record, statistics, timed_out=False)
         return "removed"

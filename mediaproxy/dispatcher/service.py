@@ -7,13 +7,17 @@ import socket
 
 from twisted.application import internet, service
 
-from mediaproxy.dispatcher.core import Dispatcher
+from mediaproxy.dispatcher.core import Dispatcher, SessionRecord
 from mediaproxy.dispatcher.dialogs import DialogTerminator
 from mediaproxy.dispatcher.frontends import ManagementFactory, ProxyFactory
 from mediaproxy.dispatcher.relaylink import RelayLinkFactory
+from mediaproxy.dispatcher.state import load_state, save_state
 from mediaproxy.tls import ContextFactory, Credentials
 
 log = logging.getLogger("mediaproxy.dispatcher")
+
+STATE_FILE = "dispatcher-state.json"
+CLEANUP_INTERVAL = 60      # seconds between looks for sessions to forget
 
 
 class StartupError(Exception):
@@ -51,6 +55,13 @@ class DispatcherService(service.MultiService):
                                         configuration.opensips.proxy, reactor)
         self.dispatcher = Dispatcher(reactor, dialogs=self.dialogs)
         self.socket_path = configuration.runtime_path(config.socket_path)
+        self.state_path = configuration.runtime_path(STATE_FILE)
+        cleaner = internet.TimerService(min(CLEANUP_INTERVAL, config.cleanup_dead_relays_after,
+                                            config.cleanup_expired_sessions_after),
+                                        self.dispatcher.clean_up, config.cleanup_dead_relays_after,
+                                        config.cleanup_expired_sessions_after)
+        cleaner.clock = reactor
+        cleaner.setServiceParent(self)
 
         relays = RelayLinkFactory(self.dispatcher, config, self.credentials, reactor)
         relays.verify_interval = configuration.tls.verify_interval
@@ -72,6 +83,7 @@ class DispatcherService(service.MultiService):
     def startService(self):
         os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
         remove_stale_socket(self.socket_path)
+        self.dispatcher.restore(load_state(self.state_path, SessionRecord))
         self._proxy_port = self.reactor.listenUNIX(self.socket_path, ProxyFactory(self.dispatcher), mode=0o660)
         self.dialogs.start()
         super().startService()
@@ -82,6 +94,8 @@ class DispatcherService(service.MultiService):
 
     def stopService(self):
         self.dialogs.stop()
+        if save_state(self.state_path, self.dispatcher.sessions.values()):
+            log.info("saved %d sessions to %s", len(self.dispatcher.sessions), self.state_path)
         deferred = super().stopService()
         if getattr(self, "_proxy_port", None) is not None:
             self._proxy_port.stopListening()       # Twisted removes the socket file

@@ -365,6 +365,16 @@ class Cluster:
         self.dispatcher_config = config
         config_dir = self.workdir / "dispatcher"
         write_config(config_dir, {"Dispatcher": config, "TLS": {"certs_path": self.certs.path}, **(sections or {})})
+        return self._run_dispatcher()
+
+    def restart_dispatcher(self, signum: int = signal.SIGTERM) -> Process:
+        """Stop the dispatcher (SIGTERM: it saves its sessions; SIGKILL: it cannot) and
+        start it again with the same configuration, ports and runtime directory."""
+        self.dispatcher.stop(signum=signum)
+        return self._run_dispatcher()
+
+    def _run_dispatcher(self) -> Process:
+        config_dir = self.workdir / "dispatcher"
         runtime = self.runtime_root / "dispatcher"
         self.dispatcher = self.manager.start("dispatcher", [
             PYTHON, DISPATCHER_SCRIPT, "--config-dir", config_dir, "--runtime-dir", runtime, "--no-fork"],
