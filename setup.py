@@ -25,7 +25,13 @@ setup(
         "sqlalchemy>=1.4",
         "pyrad>=2.4",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=38"]},
+    extras_require={
+        # database drivers for [Database] dburi URLs (SQLAlchemy picks them by URL)
+        "postgresql": ["psycopg[binary]>=3.1", "psycopg2-binary>=2.9"],
+        "mysql": ["pymysql>=1.0"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=38",
+                 "psycopg[binary]>=3.1", "psycopg2-binary>=2.9", "pymysql>=1.0"],
+    },
     classifiers=[
         "License :: OSI Approved :: GNU General Public License v2 (GPLv2)",
         "Operating System :: POSIX :: Linux",

@@ -277,6 +277,9 @@ class Dispatcher:
             return self._summary()
         if command == "version":
             return defer.succeed([__version__])
+        if command == "accounting":
+            return defer.succeed([json.dumps(status) for backend in self.accounting
+                                  for status in getattr(backend, "status", lambda: [])()])
         return defer.succeed(["error"])
 
     def _ask_all_relays(self, command):

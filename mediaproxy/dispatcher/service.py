@@ -7,6 +7,7 @@ import socket
 
 from twisted.application import internet, service
 
+from mediaproxy.accounting.service import Accounting, AccountingError
 from mediaproxy.dispatcher.core import Dispatcher, SessionRecord
 from mediaproxy.dispatcher.dialogs import DialogTerminator
 from mediaproxy.dispatcher.frontends import ManagementFactory, ProxyFactory
@@ -53,7 +54,11 @@ class DispatcherService(service.MultiService):
         self.dialogs = DialogTerminator(configuration.opensips.socket_path,
                                         configuration.runtime_path("dispatcher-rpc.sock"),
                                         configuration.opensips.proxy, reactor)
-        self.dispatcher = Dispatcher(reactor, dialogs=self.dialogs)
+        try:
+            self.accounting = Accounting(configuration, reactor)
+        except AccountingError as e:
+            raise StartupError(str(e)) from None
+        self.dispatcher = Dispatcher(reactor, dialogs=self.dialogs, accounting=[self.accounting])
         self.socket_path = configuration.runtime_path(config.socket_path)
         self.state_path = configuration.runtime_path(STATE_FILE)
         cleaner = internet.TimerService(min(CLEANUP_INTERVAL, config.cleanup_dead_relays_after,
@@ -86,6 +91,7 @@ class DispatcherService(service.MultiService):
         self.dispatcher.restore(load_state(self.state_path, SessionRecord))
         self._proxy_port = self.reactor.listenUNIX(self.socket_path, ProxyFactory(self.dispatcher), mode=0o660)
         self.dialogs.start()
+        self.accounting.start()
         super().startService()
         config = self.configuration.dispatcher
         log.info("listening for the proxy on %s, relays on %s:%d, management on %s:%d (%s)",
@@ -94,6 +100,7 @@ class DispatcherService(service.MultiService):
 
     def stopService(self):
         self.dialogs.stop()
+        self.accounting.stop()
         if save_state(self.state_path, self.dispatcher.sessions.values()):
             log.info("saved %d sessions to %s", len(self.dispatcher.sessions), self.state_path)
         deferred = super().stopService()

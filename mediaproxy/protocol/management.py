@@ -3,7 +3,7 @@ result lines closed by an empty line."""
 
 from typing import Iterable
 
-COMMANDS = frozenset(["sessions", "summary", "version", "quit", "exit"])
+COMMANDS = frozenset(["sessions", "summary", "version", "accounting", "quit", "exit"])
 
 
 def parse_command(line: str) -> str:

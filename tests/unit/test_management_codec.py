@@ -13,7 +13,7 @@ def test_commands_are_lower_case_words(line, command):
 
 
 def test_the_known_commands():
-    assert COMMANDS == {"sessions", "summary", "version", "quit", "exit"}
+    assert COMMANDS == {"sessions", "summary", "version", "accounting", "quit", "exit"}
 
 
 def test_an_answer_is_its_lines_then_an_empty_line():
