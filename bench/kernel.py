@@ -15,7 +15,7 @@ one run, three ways:
 The machine's speed drifts (a shared VM: a CPU-bound loop here swings by 2x
 within seconds), so figures taken one after the other cannot be compared.
 The sender therefore interleaves the scenarios (one group of streams per
-scenario, 50 ms slices in turn) and the receiver counts per group: every
+scenario, 10 ms slices in turn) and the receiver counts per group: every
 ratio comes from the same seconds of the same run.
 
 Phases:
@@ -210,11 +210,31 @@ def interleaved(topo, binaries, groups: dict[int, list[Stream]], n: int, opts: O
 
 
 def summarize(result: BlastResult) -> dict:
+    """One blast: per scenario the packets delivered at the callee over the
+    time spent sending it ("pps"), and per round of slices the rate of each
+    scenario ("cycles": the ratios are taken within a round, then the median)."""
     out = {"mode": result.mode, "seconds": round(result.seconds, 3)}
     for g, r in result.groups.items():
         out[NAMES[g]] = {"streams": r.streams, "sent": r.sent, "received": r.received, "errors": r.errors,
                          "seconds": round(r.seconds, 4), "pps": round(r.pps, 1)}
+    out["cycles"] = [{NAMES[g]: round(pps, 1) for g, pps in cycle.items()} for cycle in result.cycles()]
+    for top, bottom in (("reference", "plain"), ("relay", "reference")):
+        ratios = cycle_ratios([out], top, bottom)
+        if ratios:
+            out[f"{top}/{bottom}"] = round(statistics.median(ratios), 4)
     return out
+
+
+def cycle_ratios(runs, top: str, bottom: str) -> list[float]:
+    """top/bottom in every round of slices of these blasts."""
+    return [c[top] / c[bottom] for run in runs for c in run.get("cycles", [])
+            if top in c and bottom in c and c[bottom] > 0]
+
+
+def cycle_costs(runs, top: str, bottom: str) -> list[float]:
+    """1/top - 1/bottom (us a packet) in every round of slices."""
+    return [1e6 / c[top] - 1e6 / c[bottom] for run in runs for c in run.get("cycles", [])
+            if c.get(top, 0) > 0 and c.get(bottom, 0) > 0]
 
 
 def median(values):
@@ -223,6 +243,15 @@ def median(values):
 
 
 def ratio_of(run: dict, top: str, bottom: str):
+    """The blast's ratio: the median over its rounds of slices, else from its totals."""
+    if f"{top}/{bottom}" in run:
+        return run[f"{top}/{bottom}"]
+    if top in run and bottom in run and run[bottom]["pps"] > 0:
+        return run[top]["pps"] / run[bottom]["pps"]
+    return None
+
+
+def delivered_ratio(run: dict, top: str, bottom: str):
     if top in run and bottom in run and run[bottom]["pps"] > 0:
         return run[top]["pps"] / run[bottom]["pps"]
     return None
@@ -516,34 +545,44 @@ def derive(opts: Options, results: Results) -> None:
         if smaller and min(smaller) >= 0.5 * api:
             results.notes[-1] += (" Smaller batches make about as many a second (down to "
                                   f"{min(smaller):,.0f}/s): the cost is per entry, not per batch.")
-    for phase, key in (("phase_b", "b"), ("phase_c", "c")):
+    for phase in ("phase_b", "phase_c"):
         for mode, by_n in details.get(phase, {}).items():
             suffix = "" if mode == "packet" else "_udp_sender"
             for n, runs in by_n.items():
+                with_relay = "_with_relay" if phase == "phase_c" else ""
                 for name in ("plain", "reference", "relay"):
                     value = median(run[name]["pps"] for run in runs if name in run)
                     if value is not None:
-                        numbers[f"{name}_pps_{n}{suffix}" if phase == "phase_b" or name == "relay"
-                                else f"{name}_pps_{n}_with_relay{suffix}"] = round(value)
-                ref_ratio = median(ratio_of(run, "reference", "plain") for run in runs)
-                if phase == "phase_b" and ref_ratio is not None:
-                    numbers[f"reference_pps_ratio_{n}{suffix}"] = round(ref_ratio, 4)
-                    # per packet, what conntrack + NAT add to the whole path (sender, relay, receiver)
-                    costs = [1e6 / run["reference"]["pps"] - 1e6 / run["plain"]["pps"] for run in runs
-                             if run["reference"]["pps"] > 0 and run["plain"]["pps"] > 0]
-                    if costs:
-                        numbers[f"conntrack_nat_us_per_packet_{n}{suffix}"] = round(statistics.median(costs), 3)
-                if phase == "phase_c":
-                    if ref_ratio is not None:
-                        numbers[f"reference_pps_ratio_{n}_with_relay{suffix}"] = round(ref_ratio, 4)
-                    relay_ratio = median(ratio_of(run, "relay", "reference") for run in runs)
-                    if relay_ratio is not None:
-                        numbers[f"kernel_pps_ratio_{n}{suffix}"] = round(relay_ratio, 4)
-                        spread = [ratio_of(run, "relay", "reference") for run in runs]
-                        numbers[f"kernel_pps_ratio_{n}_min{suffix}"] = round(min(spread), 4)
-                        numbers[f"kernel_pps_ratio_{n}_max{suffix}"] = round(max(spread), 4)
-                        costs = [1e6 / run["relay"]["pps"] - 1e6 / run["reference"]["pps"] for run in runs
-                                 if run["relay"]["pps"] > 0 and run["reference"]["pps"] > 0]
-                        numbers[f"relay_extra_us_per_packet_{n}{suffix}"] = round(statistics.median(costs), 3)
-                    lost = sum(run["relay"]["sent"] - run["relay"]["received"] for run in runs if "relay" in run)
-                    numbers[f"relay_lost_{n}{suffix}"] = lost
+                        key = f"relay_pps_{n}{suffix}" if name == "relay" else f"{name}_pps_{n}{with_relay}{suffix}"
+                        numbers[key] = round(value)
+                ratios = cycle_ratios(runs, "reference", "plain")
+                if ratios:
+                    numbers[f"reference_pps_ratio_{n}{with_relay}{suffix}"] = round(statistics.median(ratios), 4)
+                    numbers[f"reference_pps_ratio_{n}{with_relay}_delivered{suffix}"] = round(
+                        median(delivered_ratio(run, "reference", "plain") for run in runs), 4)
+                    numbers[f"conntrack_nat_us_per_packet_{n}{with_relay}{suffix}"] = round(
+                        statistics.median(cycle_costs(runs, "reference", "plain")), 3)
+                if phase != "phase_c":
+                    continue
+                ratios = cycle_ratios(runs, "relay", "reference")
+                if ratios:
+                    numbers[f"kernel_pps_ratio_{n}{suffix}"] = round(statistics.median(ratios), 4)
+                    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+                    numbers[f"kernel_pps_ratio_{n}_q1{suffix}"] = round(quartiles[0], 4)
+                    numbers[f"kernel_pps_ratio_{n}_q3{suffix}"] = round(quartiles[2], 4)
+                    numbers[f"kernel_pps_ratio_{n}_cycles{suffix}"] = len(ratios)
+                    numbers[f"kernel_pps_ratio_{n}_delivered{suffix}"] = round(
+                        median(delivered_ratio(run, "relay", "reference") for run in runs), 4)
+                    numbers[f"relay_extra_us_per_packet_{n}{suffix}"] = round(
+                        statistics.median(cycle_costs(runs, "relay", "reference")), 3)
+                numbers[f"relay_lost_{n}{suffix}"] = sum(run["relay"]["sent"] - run["relay"]["received"]
+                                                        for run in runs if "relay" in run)
+    lost = [(phase, mode, n, name, run[name]["sent"] - run[name]["received"], run[name]["sent"])
+            for phase in ("pristine", "phase_b", "phase_c")
+            for mode, by_n in (details.get(phase, {}).items() if phase != "pristine"
+                               else [("packet", {n: [r] for n, r in details.get("pristine", {}).items()})])
+            for n, runs in by_n.items() for run in runs for name in ("plain", "reference", "relay")
+            if name in run and run[name]["sent"] - run[name]["received"] > 0.001 * run[name]["sent"]]
+    for phase, mode, n, name, count, sent in lost:
+        results.notes.append(f"{phase}, {mode} sender, {n} streams: {count} of {sent} {name} packets were not "
+                             f"delivered (the rates count delivered packets; the ratios assume none lost)")

@@ -85,6 +85,19 @@ class BlastResult:
     seconds: float
     groups: dict[int, GroupResult] = field(default_factory=dict)
     counts: list[int] = field(default_factory=list)    # received per interval, all groups
+    slices: list[tuple[int, int, float]] = field(default_factory=list)   # (group, sent, seconds), in order
+
+    def cycles(self) -> list[dict[int, float]]:
+        """Packets per second of each group in each round of slices (A B C, A B C, ...),
+        the first round (warming up) left out. Adjacent slices saw the same machine."""
+        order = sorted(self.groups)
+        out = []
+        for k in range(1, len(self.slices) // len(order)):
+            chunk = self.slices[k * len(order):(k + 1) * len(order)]
+            if [g for g, _, _ in chunk] != order:
+                continue
+            out.append({g: sent / seconds for g, sent, seconds in chunk if seconds > 0})
+        return out
 
 
 def cpu_count() -> int:
@@ -98,7 +111,7 @@ def _taskset(cpu: int) -> list[str]:
 
 
 def blast(topo, binaries: dict[str, Path], streams: Sequence[Stream], seconds: float, mode: str = "packet",
-          size: int = 172, batch: int = 32, slice_ms: float = 50.0, rate: float | None = None,
+          size: int = 172, batch: int = 32, slice_ms: float = 10.0, rate: float | None = None,
           drain: float = 0.7, receiver_address: str | None = None) -> BlastResult:
     """Send ``streams`` (groups interleaved in slices) for ``seconds``; count at the callee."""
     from bench.topology import CALLER_IP, CALLEE_IP, RELAY_IN
@@ -147,7 +160,8 @@ def blast(topo, binaries: dict[str, Path], streams: Sequence[Stream], seconds: f
                 receiver.kill()
                 receiver.wait(timeout=10)
     by_group = {g["group"]: g for g in received["groups"]}
-    result = BlastResult(sent["mode"], sent["seconds"], counts=received["counts"])
+    result = BlastResult(sent["mode"], sent["seconds"], counts=received["counts"],
+                         slices=[tuple(x) for x in sent.get("slices", [])])
     for g in sent["groups"]:
         result.groups[g["group"]] = GroupResult(g["group"], g["streams"], g["sent"], g["errors"], g["seconds"],
                                                 by_group.get(g["group"], {}).get("received", 0))

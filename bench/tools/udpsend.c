@@ -5,14 +5,17 @@
  * (RTP-looking, 172 bytes by default like G.711 at 20 ms) from SRC_IP:SPORT
  * to DST_IP:DPORT.
  *
- * Groups are sent in turn, SLICE ms each (A B C A B C ...), so that the
+ * Groups are sent in turn, SLICE ms each (-S, default 10; A B C A B C ...), so that the
  * scenarios they stand for are measured under the same machine conditions
  * even when the CPU speed drifts (it does, by 2x, on shared VMs). Within a
  * slice the streams of the group are sent round-robin. With one group it
  * simply blasts. At the end one JSON object goes to stdout:
  *   {"mode": M, "seconds": S, "groups": [{"group": G, "streams": N,
  *     "sent": N, "errors": N, "seconds": S}, ...]}
- * ("seconds" of a group: the time spent sending its slices).
+ * ("seconds" of a group: the time spent sending its slices), and
+ *   "slices": [[GROUP, SENT, SECONDS], ...] every slice in order, so that
+ * adjacent slices of different groups can be compared (a slice where other
+ * work took the CPU is then one outlier, not a bias).
  *
  * Two ways to send (-m):
  *   udp     one connected UDP socket per stream, bound to SRC_IP:SPORT;
@@ -51,6 +54,15 @@
 #define MAX_BATCH 256
 #define MAX_STREAMS 65536
 #define MAX_GROUPS 16
+#define MAX_SLICES 200000
+
+struct slice_record {
+    int group;
+    unsigned long long sent;
+    double seconds;
+};
+static struct slice_record slices[MAX_SLICES];
+static int nslices;
 
 static volatile sig_atomic_t stop;
 static void on_signal(int sig) { (void)sig; stop = 1; }
@@ -144,7 +156,7 @@ static int by_group(const void *a, const void *b) {
 int main(int argc, char **argv) {
     const char *src = NULL, *file = NULL, *mode = "udp", *ifname = NULL, *mac = NULL;
     int size = 172, batch = 32;
-    double duration = 5.0, rate = 0.0, slice = 0.05;
+    double duration = 5.0, rate = 0.0, slice = 0.01;
     int opt;
     while ((opt = getopt(argc, argv, "a:P:l:t:r:b:S:m:i:M:")) != -1) {
         switch (opt) {
@@ -274,15 +286,22 @@ int main(int argc, char **argv) {
     double start = now(), end = start + duration, t = start;
     int g = 0;
     double slice_start = start, slice_end = ngroups > 1 ? start + slice : end;
-    unsigned long iterations = 0;
+    unsigned long long slice_sent0 = 0;
     while (!stop) {
-        if ((iterations++ & 7) == 0 || rate > 0) {
+        { /* a clock read per batch: cheap (vDSO), and slices stay exact */
             t = now();
             if (t >= end) break;
             if (t >= slice_end) {
                 groups[g].seconds += t - slice_start;
+                if (nslices < MAX_SLICES) {
+                    slices[nslices].group = groups[g].id;
+                    slices[nslices].sent = groups[g].sent - slice_sent0;
+                    slices[nslices].seconds = t - slice_start;
+                    nslices++;
+                }
                 g = (g + 1) % ngroups;
                 slice_start = t;
+                slice_sent0 = groups[g].sent;
                 slice_end = t + slice < end ? t + slice : end;
             }
         }
@@ -325,6 +344,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < ngroups; i++)
         printf("%s{\"group\": %d, \"streams\": %d, \"sent\": %llu, \"errors\": %llu, \"seconds\": %.4f}", i ? ", " : "",
                groups[i].id, groups[i].count, groups[i].sent, groups[i].errors, groups[i].seconds);
+    printf("], \"slices\": [");
+    for (int i = 0; i < nslices; i++)
+        printf("%s[%d, %llu, %.6f]", i ? ", " : "", slices[i].group, slices[i].sent, slices[i].seconds);
     printf("]}\n");
     return 0;
 }
