@@ -19,6 +19,7 @@ log = logging.getLogger("mediaproxy.relay")
 
 SLOW_SAMPLING = 0.010      # seconds: a sampling pass slower than this is logged
 TIMEOUT_CHECK_INTERVAL = 1    # seconds between looks for silent streams
+MAX_UNDELIVERED = 10000       # expired reports kept for a dispatcher that is away
 
 
 class StartupError(Exception):
@@ -60,6 +61,7 @@ class RelayService(service.MultiService):
                               routable_predicate(config.routable_private_ranges),
                               stream_timeout=config.stream_timeout, on_hold_timeout=config.on_hold_timeout)
         self.links = set()
+        self.undelivered = {}         # dispatcher ip -> statistics of sessions that expired while it was away
         self.credentials = Credentials(configuration.config_path(configuration.tls.certs_path), "relay")
         factory = DispatcherLinkFactory(self, self.credentials, config.passport, configuration.tls.verify_interval,
                                         config.keepalive_interval, reactor)
@@ -101,7 +103,14 @@ class RelayService(service.MultiService):
     def _report_expired(self, owner_ip, statistics):
         owner = next((link for link in self.links if link.peer_ip == owner_ip), None)
         if owner is None:
-            log.warning("session %s expired while its dispatcher %s is not connected", statistics["call_id"], owner_ip)
+            waiting = self.undelivered.setdefault(owner_ip, [])
+            if len(waiting) < MAX_UNDELIVERED:
+                waiting.append(statistics)
+                log.warning("session %s expired while its dispatcher %s is not connected: reported when it is",
+                            statistics["call_id"], owner_ip)
+            else:
+                log.error("session %s expired while its dispatcher %s is not connected, and %d reports wait "
+                          "already: this one is dropped", statistics["call_id"], owner_ip, len(waiting))
         else:
             owner.send_expired(statistics)
         self._stop_if_done()
@@ -123,6 +132,8 @@ class RelayService(service.MultiService):
 
     def dispatcher_connected(self, link):
         self.links.add(link)
+        for statistics in self.undelivered.pop(link.peer_ip, []):
+            link.send_expired(statistics)
 
     def dispatcher_disconnected(self, link):
         self.links.discard(link)

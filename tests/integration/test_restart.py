@@ -5,6 +5,7 @@ import json
 import signal
 
 import pytest
+import sqlalchemy
 
 from tests.integration.conftest import RELAY_A
 from tests.integration.daemons import Call, log_lines
@@ -93,3 +94,30 @@ def test_sessions_of_a_relay_that_never_comes_back_are_forgotten(cluster):
                                     timeout=10)
     with cluster.proxy() as proxy:
         assert proxy.remove("orphan") == "error"
+
+
+def test_a_call_that_expires_while_the_dispatcher_is_down_is_reported_when_it_is_back(cluster, tmp_path):
+    url = "sqlite:///%s" % (tmp_path / "accounting.sqlite")
+    cluster.start_dispatcher(accounting="database", sections={"Database": {"dburi": url}})
+    relay = cluster.start_relay(RELAY_A, stream_timeout=1)
+    with cluster.proxy() as proxy:
+        call = Call(proxy, "expired-meanwhile")
+    call.close()
+    cluster.dispatcher.stop(signum=signal.SIGKILL)
+    relay.wait_for_log(r"session expired-meanwhile expired while its dispatcher 127\.0\.0\.1 is not connected",
+                       timeout=10)
+    cluster.restart_dispatcher()
+    cluster.dispatcher.wait_for_log(r"session expired-meanwhile expired on relay 127\.0\.0\.2", timeout=10)
+    engine = sqlalchemy.create_engine(url)
+
+    def accounted():
+        try:
+            with engine.connect() as connection:
+                return connection.execute(sqlalchemy.text("SELECT info FROM media_sessions")).all()
+        except sqlalchemy.exc.OperationalError:
+            return []
+    try:
+        [(info,)] = wait_for(accounted, timeout=10, message="the expired call was not accounted")
+    finally:
+        engine.dispose()
+    assert json.loads(info)["timed_out"] is True
