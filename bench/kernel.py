@@ -213,7 +213,10 @@ def summarize(result: BlastResult) -> dict:
     """One blast: per scenario the packets delivered at the callee over the
     time spent sending it ("pps"), and per round of slices the rate of each
     scenario ("cycles": the ratios are taken within a round, then the median)."""
-    out = {"mode": result.mode, "seconds": round(result.seconds, 3)}
+    out = {"mode": result.mode, "seconds": round(result.seconds, 3),
+           # the sender's CPU time over its wall time: well under 1 when other work took its CPU
+           "sender_cpu_share": round(result.sender_cpu / result.seconds, 3) if result.seconds else None,
+           "cpus": result.cpu_shares}
     for g, r in result.groups.items():
         out[NAMES[g]] = {"streams": r.streams, "sent": r.sent, "received": r.received, "errors": r.errors,
                          "seconds": round(r.seconds, 4), "pps": round(r.pps, 1)}

@@ -86,6 +86,8 @@ class BlastResult:
     groups: dict[int, GroupResult] = field(default_factory=dict)
     counts: list[int] = field(default_factory=list)    # received per interval, all groups
     slices: list[tuple[int, int, float]] = field(default_factory=list)   # (group, sent, seconds), in order
+    sender_cpu: float = 0.0                  # the sender's user + system seconds
+    cpu_shares: dict = field(default_factory=dict)   # per CPU: share of the blast busy, idle, stolen
 
     def cycles(self) -> list[dict[int, float]]:
         """Packets per second of each group in each round of slices (A B C, A B C, ...),
@@ -116,6 +118,7 @@ def blast(topo, binaries: dict[str, Path], streams: Sequence[Stream], seconds: f
     """Send ``streams`` (groups interleaved in slices) for ``seconds``; count at the callee."""
     from bench.topology import CALLER_IP, CALLEE_IP, RELAY_IN
 
+    stat_before = _cpu_stat()
     with tempfile.TemporaryDirectory(prefix="mpb-blast-") as tmp:
         tmp = Path(tmp)
         stream_file, port_file, ready = tmp / "streams", tmp / "ports", tmp / "ready"
@@ -145,6 +148,7 @@ def blast(topo, binaries: dict[str, Path], streams: Sequence[Stream], seconds: f
             if sender.returncode != 0:
                 raise RuntimeError(f"udpsend failed ({sender.returncode}): {sender.stderr.strip()}")
             sent = json.loads(sender.stdout)
+            stat_after = _cpu_stat()
             time.sleep(drain)          # what is still queued reaches the receiver
             receiver.send_signal(signal.SIGTERM)   # setpriv, ip netns exec and taskset exec: this is udprecv
             try:
@@ -161,11 +165,35 @@ def blast(topo, binaries: dict[str, Path], streams: Sequence[Stream], seconds: f
                 receiver.wait(timeout=10)
     by_group = {g["group"]: g for g in received["groups"]}
     result = BlastResult(sent["mode"], sent["seconds"], counts=received["counts"],
-                         slices=[tuple(x) for x in sent.get("slices", [])])
+                         slices=[tuple(x) for x in sent.get("slices", [])], sender_cpu=sent.get("cpu_seconds", 0.0),
+                         cpu_shares=_cpu_shares(stat_before, stat_after))
     for g in sent["groups"]:
         result.groups[g["group"]] = GroupResult(g["group"], g["streams"], g["sent"], g["errors"], g["seconds"],
                                                 by_group.get(g["group"], {}).get("received", 0))
     return result
+
+
+def _cpu_stat() -> dict[str, list[int]]:
+    """/proc/stat per CPU: user nice system idle iowait irq softirq steal ..."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *values = line.split()
+            out[name] = [int(v) for v in values]
+    return out
+
+
+def _cpu_shares(before: dict, after: dict) -> dict:
+    """Per CPU over the blast: the share idle, stolen by the hypervisor, and in softirq."""
+    shares = {}
+    for cpu, values in after.items():
+        if cpu not in before:
+            continue
+        delta = [a - b for a, b in zip(values, before[cpu])]
+        total = sum(delta[:8]) or 1
+        shares[cpu] = {"idle": round(delta[3] / total, 3), "steal": round(delta[7] / total, 3),
+                       "softirq": round(delta[6] / total, 3)}
+    return shares
 
 
 def groups_of(streams: Iterable[Stream]) -> list[int]:

@@ -5,9 +5,9 @@ when present, is honoured at the handshake and re-read at each periodic
 re-verification; a passport restricts the peer's subject further.
 """
 
-import datetime
 import logging
 import os
+import re
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -72,10 +72,14 @@ class Credentials:
 
     def _load_ca(self):
         data = _read(self.ca_path, "CA certificate")
+        # One certificate per PEM block (cryptography 38, in Debian 12, cannot load several at once).
+        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S)
         try:
-            certificates = x509.load_pem_x509_certificates(data)
+            certificates = [x509.load_pem_x509_certificate(block) for block in blocks]
         except ValueError:
-            raise TLSError("%s holds no PEM certificate" % self.ca_path) from None
+            certificates = []
+        if not certificates:
+            raise TLSError("%s holds no PEM certificate" % self.ca_path)
         return [crypto.X509.from_cryptography(c) for c in certificates]
 
     def _current_crl(self):
@@ -177,7 +181,3 @@ def passport_mismatch(cert, passport) -> str:
             return "%s is %r, the passport wants %r" % (attribute, value, pattern)
     return ""
 
-
-def expires_in(cert) -> float:
-    not_after = datetime.datetime.strptime(cert.get_notAfter().decode(), "%Y%m%d%H%M%SZ")
-    return (not_after - datetime.datetime.utcnow()).total_seconds()

@@ -10,9 +10,10 @@
  * even when the CPU speed drifts (it does, by 2x, on shared VMs). Within a
  * slice the streams of the group are sent round-robin. With one group it
  * simply blasts. At the end one JSON object goes to stdout:
- *   {"mode": M, "seconds": S, "groups": [{"group": G, "streams": N,
+ *   {"mode": M, "seconds": S, "cpu_seconds": C, "groups": [{"group": G, "streams": N,
  *     "sent": N, "errors": N, "seconds": S}, ...]}
- * ("seconds" of a group: the time spent sending its slices), and
+ * ("seconds" of a group: the time spent sending its slices; "cpu_seconds":
+ * this process's user + system time, set-up included), and
  *   "slices": [[GROUP, SENT, SECONDS], ...] every slice in order, so that
  * adjacent slices of different groups can be compared (a slice where other
  * work took the CPU is then one outlier, not a bias).
@@ -339,8 +340,11 @@ int main(int argc, char **argv) {
         }
     }
     double stop_time = now();
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    double cpu = usage.ru_utime.tv_sec + usage.ru_utime.tv_usec / 1e6 + usage.ru_stime.tv_sec + usage.ru_stime.tv_usec / 1e6;
     groups[g].seconds += stop_time - slice_start;
-    printf("{\"mode\": \"%s\", \"seconds\": %.4f, \"groups\": [", mode, stop_time - start);
+    printf("{\"mode\": \"%s\", \"seconds\": %.4f, \"cpu_seconds\": %.4f, \"groups\": [", mode, stop_time - start, cpu);
     for (int i = 0; i < ngroups; i++)
         printf("%s{\"group\": %d, \"streams\": %d, \"sent\": %llu, \"errors\": %llu, \"seconds\": %.4f}", i ? ", " : "",
                groups[i].id, groups[i].count, groups[i].sent, groups[i].errors, groups[i].seconds);

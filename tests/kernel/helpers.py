@@ -311,6 +311,7 @@ class Rig:
     management: Management
     relays: list[Daemon] = field(default_factory=list)
     proxies: list[ProxyClient] = field(default_factory=list)
+    parties: list[MediaParty] = field(default_factory=list)
 
     @property
     def relay_ip(self) -> str:
@@ -340,16 +341,13 @@ class Rig:
 
     def party(self, host: str, port: int, payload_type: int) -> MediaParty:
         party = MediaParty(self.topo, host, port, payload_type)
-        self._parties.append(party)
+        self.parties.append(party)
         return party
-
-    def __post_init__(self) -> None:
-        self._parties: list[MediaParty] = []
 
     def close(self) -> None:
         for client in self.proxies:
             client.close()
-        for party in self._parties:
+        for party in self.parties:
             party.close()
 
     # -- what the dispatcher says --
@@ -392,11 +390,12 @@ class Rig:
         return relay_rules(self.topo)
 
 
-def build_rig(topo: Topology, processes_log_dir: Path) -> tuple[Rig, Path]:
+def build_rig(topo: Topology, results_dir: Path) -> tuple[Rig, Path]:
     """Certificates, the recording dispatcher in ``proxy``; the relay is the test's to start.
 
-    Daemon directories go under a short temporary directory (a UNIX socket
-    path has at most 107 bytes); the caller removes it (returned second).
+    The accounting file goes to ``results_dir``; daemon directories under a
+    short temporary directory (a UNIX socket path has at most 107 bytes),
+    which the caller removes (returned second).
     """
     workdir = Path(tempfile.mkdtemp(prefix="mpk-"))
     try:
@@ -405,7 +404,7 @@ def build_rig(topo: Topology, processes_log_dir: Path) -> tuple[Rig, Path]:
             dispatcher_san_ips=(topo.address("proxy"),),
             relay_san_ips=(topo.address(RELAY_HOST),),
         )
-        accounting_file = processes_log_dir / "accounting.jsonl"
+        accounting_file = results_dir / "accounting.jsonl"
         dispatcher = start_dispatcher(
             topo,
             workdir,
