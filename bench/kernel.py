@@ -49,7 +49,7 @@ from pathlib import Path
 
 from bench import conntrack as ct
 from bench.relay import Daemons, cpu_seconds, rss_kb
-from bench.tools import BlastResult, Stream, blast, build_tools
+from bench.tools import SENDER_CPU, BlastResult, Stream, blast, build_tools
 from bench.topology import CALLEE_IP, CALLER_IP, RELAY_IP, RoutedTopology
 
 PLAIN, REFERENCE, RELAY = 0, 1, 2
@@ -217,6 +217,11 @@ def summarize(result: BlastResult) -> dict:
            # the sender's CPU time over its wall time: well under 1 when other work took its CPU
            "sender_cpu_share": round(result.sender_cpu / result.seconds, 3) if result.seconds else None,
            "cpus": result.cpu_shares}
+    # the sender's own time plus CPU 0's softirq time (the forwarding, accounted apart): the share of
+    # its CPU the measured path got; the rest went to other work on the machine
+    sender_cpu = f"cpu{SENDER_CPU}"
+    if out["sender_cpu_share"] is not None and sender_cpu in result.cpu_shares:
+        out["path_cpu_share"] = round(out["sender_cpu_share"] + result.cpu_shares[sender_cpu]["softirq"], 3)
     for g, r in result.groups.items():
         out[NAMES[g]] = {"streams": r.streams, "sent": r.sent, "received": r.received, "errors": r.errors,
                          "seconds": round(r.seconds, 4), "pps": round(r.pps, 1)}

@@ -181,10 +181,11 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
 
     lines += ["### Every blast", "",
               "Packets per second delivered at the callee over the time each scenario was sent; ratios: "
-              "median over the blast's rounds; the sender's CPU share: its CPU time over the blast's wall time "
-              "(well under 1 when other work on the machine took its CPU).", "",
+              "median over the blast's rounds; CPU share of the path: the sender's CPU time plus the softirq "
+              "time of its CPU (where veth forwarding runs) over the blast's wall time: well under 1 when "
+              "other work on the machine took that CPU.", "",
               "| Phase | Sender | Streams | plain | reference | relay | reference/plain | relay/reference "
-              "| sender's CPU share |",
+              "| CPU share of the path |",
               "|---|---|---|---|---|---|---|---|---|"]
     for phase, title in (("pristine", "0 (fresh namespace)"), ("phase_b", "B (hooks, CLI entries)"),
                          ("phase_c", "C (relay running)")):
@@ -196,7 +197,7 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
                 for run in runs:
                     cells = [_fmt(run[name]["pps"]) if name in run else "" for name in ("plain", "reference", "relay")]
                     r1, r2 = run.get("reference/plain"), run.get("relay/reference")
-                    share = run.get("sender_cpu_share")
+                    share = run.get("path_cpu_share")
                     lines.append(f"| {title} | {mode} | {s} | {' | '.join(cells)} | "
                                  f"{_fmt(r1, 3) if r1 else ''} | {_fmt(r2, 3) if r2 else ''} | "
                                  f"{_fmt(share, 2) if share is not None else ''} |")
