@@ -49,7 +49,7 @@ from pathlib import Path
 
 from bench import conntrack as ct
 from bench.relay import Daemons, cpu_seconds, rss_kb
-from bench.tools import SENDER_CPU, BlastResult, Stream, blast, build_tools
+from bench.tools import BlastResult, Stream, blast, build_tools
 from bench.topology import CALLEE_IP, CALLER_IP, RELAY_IP, RoutedTopology
 
 PLAIN, REFERENCE, RELAY = 0, 1, 2
@@ -217,11 +217,9 @@ def summarize(result: BlastResult) -> dict:
            # the sender's CPU time over its wall time: well under 1 when other work took its CPU
            "sender_cpu_share": round(result.sender_cpu / result.seconds, 3) if result.seconds else None,
            "cpus": result.cpu_shares}
-    # the sender's own time plus CPU 0's softirq time (the forwarding, accounted apart): the share of
-    # its CPU the measured path got; the rest went to other work on the machine
-    sender_cpu = f"cpu{SENDER_CPU}"
-    if out["sender_cpu_share"] is not None and sender_cpu in result.cpu_shares:
-        out["path_cpu_share"] = round(out["sender_cpu_share"] + result.cpu_shares[sender_cpu]["softirq"], 3)
+    # The sender's CPU time while sending includes the forwarding done in its context (softirq,
+    # tick-based accounting): the share of its CPU the measured path got; the rest went to other work.
+    out["path_cpu_share"] = out["sender_cpu_share"]
     for g, r in result.groups.items():
         out[NAMES[g]] = {"streams": r.streams, "sent": r.sent, "received": r.received, "errors": r.errors,
                          "seconds": round(r.seconds, 4), "pps": round(r.pps, 1)}
@@ -554,6 +552,10 @@ def derive(opts: Options, results: Results) -> None:
             results.notes[-1] += (" Smaller batches make about as many a second (down to "
                                   f"{min(smaller):,.0f}/s): the cost is per entry, not per batch.")
     for phase in ("phase_b", "phase_c"):
+        shares = [run["path_cpu_share"] for by_n in details.get(phase, {}).values() for runs in by_n.values()
+                  for run in runs if run.get("path_cpu_share") is not None]
+        if shares:
+            numbers[f"path_cpu_share_{phase}"] = round(statistics.median(shares), 3)
         for mode, by_n in details.get(phase, {}).items():
             suffix = "" if mode == "packet" else "_udp_sender"
             for n, runs in by_n.items():

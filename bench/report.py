@@ -162,6 +162,9 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
         *[(f"entries installed/s, relay API, batches of {b}", f"entries_installed_per_s_batch_{b}", 0)
           for b in (100, 10, 1)],
         ("entries removed/s, conntrack CLI", "entries_removed_per_s_cli", 0),
+        ("CPU share of the path, phase B (median of blasts; 1 = the sender's CPU was the path's alone)",
+         "path_cpu_share_phase_b", 2),
+        ("CPU share of the path, phase C (median of blasts)", "path_cpu_share_phase_c", 2),
         ("one ctnetlink dump finding nothing (ms; it walks the whole hash table)", "conntrack_dump_ms_empty", 2),
         *[(f"one ctnetlink dump of {c:,} entries by mark (ms)", f"conntrack_dump_ms_{c}", 2) for c in (1000, 100)],
         ("the kernel's conntrack hash buckets (nf_conntrack_buckets, shared by all namespaces)",
@@ -181,8 +184,8 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
 
     lines += ["### Every blast", "",
               "Packets per second delivered at the callee over the time each scenario was sent; ratios: "
-              "median over the blast's rounds; CPU share of the path: the sender's CPU time plus the softirq "
-              "time of its CPU (where veth forwarding runs) over the blast's wall time: well under 1 when "
+              "median over the blast's rounds; CPU share of the path: the sender's CPU time while sending "
+              "(which includes the forwarding done in its context) over the sending time: well under 1 when "
               "other work on the machine took that CPU.", "",
               "| Phase | Sender | Streams | plain | reference | relay | reference/plain | relay/reference "
               "| CPU share of the path |",

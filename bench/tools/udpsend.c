@@ -13,7 +13,8 @@
  *   {"mode": M, "seconds": S, "cpu_seconds": C, "groups": [{"group": G, "streams": N,
  *     "sent": N, "errors": N, "seconds": S}, ...]}
  * ("seconds" of a group: the time spent sending its slices; "cpu_seconds":
- * this process's user + system time, set-up included), and
+ * this process's user + system time while sending, which with tick-based
+ * accounting includes the softirq work done in its context), and
  *   "slices": [[GROUP, SENT, SECONDS], ...] every slice in order, so that
  * adjacent slices of different groups can be compared (a slice where other
  * work took the CPU is then one outlier, not a bias).
@@ -284,6 +285,9 @@ int main(int argc, char **argv) {
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     unsigned long long total = 0;
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    double cpu0 = usage.ru_utime.tv_sec + usage.ru_utime.tv_usec / 1e6 + usage.ru_stime.tv_sec + usage.ru_stime.tv_usec / 1e6;
     double start = now(), end = start + duration, t = start;
     int g = 0;
     double slice_start = start, slice_end = ngroups > 1 ? start + slice : end;
@@ -340,9 +344,8 @@ int main(int argc, char **argv) {
         }
     }
     double stop_time = now();
-    struct rusage usage;
     getrusage(RUSAGE_SELF, &usage);
-    double cpu = usage.ru_utime.tv_sec + usage.ru_utime.tv_usec / 1e6 + usage.ru_stime.tv_sec + usage.ru_stime.tv_usec / 1e6;
+    double cpu = usage.ru_utime.tv_sec + usage.ru_utime.tv_usec / 1e6 + usage.ru_stime.tv_sec + usage.ru_stime.tv_usec / 1e6 - cpu0;
     groups[g].seconds += stop_time - slice_start;
     printf("{\"mode\": \"%s\", \"seconds\": %.4f, \"cpu_seconds\": %.4f, \"groups\": [", mode, stop_time - start, cpu);
     for (int i = 0; i < ngroups; i++)
