@@ -110,13 +110,6 @@ def test_a_call_on_hold_outlives_its_entry(make_rig):
     assert call.remove() == "removed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a sub-stream whose entry died while its stream goes on (RTCP that pauses, a call taken off "
-    "hold) is never handed to the kernel again: MediaStream.on_packet calls listener.latched() only for a "
-    "party's first media packet since it latched (mediaproxy/relay/streams.py), and "
-    "KernelForwarding._destroyed (mediaproxy/relay/kernel/forwarding.py) does not re-arm it",
-)
 def test_rtcp_that_pauses_longer_than_the_timeout_returns_to_the_kernel(make_rig):
     rig = make_rig(sysctls={RELAY_HOST: SHORT_UDP_TIMEOUTS})
     rig.start_relay()

@@ -163,11 +163,17 @@ class ConntrackTable:
                     del self.by_port[leg.port]
 
     def ended(self, entry: KernelEntry, kernel_entry=None) -> None:
-        """The kernel destroyed the entry by itself; kernel_entry carries its last counters."""
+        """The kernel destroyed the entry by itself; kernel_entry carries its last counters.
+
+        Its sub-stream goes back to user space: media from both parties again
+        (after a pause, or hold) hands it to the kernel anew.
+        """
         self._forget(entry)
         if kernel_entry is not None:
             self.count(entry, kernel_entry)
         self.fold(entry)
+        for leg in entry.stream.legs.values():
+            leg.media_seen[entry.component] = False
 
     @staticmethod
     def fold(entry: KernelEntry) -> None:

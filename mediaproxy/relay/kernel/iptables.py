@@ -39,6 +39,7 @@ def _iptc():
 class Iptables:
     def __init__(self, mark: int):
         self.iptc = _iptc()
+        self.mark = mark
         self.comment = "mediaproxy %#x" % mark
 
     def _comment_of(self, rule):
