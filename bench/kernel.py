@@ -52,8 +52,8 @@ from bench.relay import Daemons, cpu_seconds, rss_kb
 from bench.tools import BlastResult, Stream, blast, build_tools
 from bench.topology import CALLEE_IP, CALLER_IP, RELAY_IP, RoutedTopology
 
-PLAIN, REFERENCE, RELAY = 0, 1, 2
-NAMES = {PLAIN: "plain", REFERENCE: "reference", RELAY: "relay"}
+PLAIN, REFERENCE, RELAY, REFERENCE_EV = 0, 1, 2, 3
+NAMES = {PLAIN: "plain", REFERENCE: "reference", RELAY: "relay", REFERENCE_EV: "reference_ev"}
 
 # Ports (see README): no two scenarios share a port anywhere.
 PLAIN_CALLER, PLAIN_CALLEE = 20000, 30000             # + i
@@ -61,6 +61,8 @@ REF_CALLER, REF_RELAY_A, REF_RELAY_B, REF_CALLEE = 21000, 40000, 41000, 31000   
 RELAY_CALLER, RELAY_CALLEE = 22000, 32000             # + 2i (even: RTP)
 RELAY_PORT_RANGE = (50000, 56000)                     # 4 ports a stream: 1500 streams
 CLI_CALLER, CLI_RELAY_A, CLI_RELAY_B, CLI_CALLEE = 25000, 45000, 46000, 35000   # + i
+# the reference again, its entries made while the relay runs (a conntrack event listener)
+EV_CALLER, EV_RELAY_A, EV_RELAY_B, EV_CALLEE = 24000, 47000, 48000, 34000        # + i
 RELAY_MARK = 0x4D50                                   # the relay's default conntrack mark
 API_MARK = 0x4D5B
 
@@ -76,6 +78,7 @@ class Options:
     cli_entries: int = 200
     api_runs: str = "1000:1000,1000:100,200:10,50:1"
     netlink_entries: int = 1000
+    reference_ev: bool = True           # phase C: also the CLI's entries made while the relay runs
     size: int = 172
     smoke: bool = False
 
@@ -103,12 +106,15 @@ def plain_streams(n: int) -> list[Stream]:
     return [Stream(PLAIN, CALLEE_IP, PLAIN_CALLER + i, PLAIN_CALLEE + i, PLAIN_CALLEE + i) for i in range(n)]
 
 
-def reference_entries(n: int) -> list[ct.NatEntry]:
+def reference_entries(n: int, late: bool = False) -> list[ct.NatEntry]:
+    if late:
+        return [ct.NatEntry(EV_CALLER + i, EV_RELAY_A + i, EV_CALLEE + i, EV_RELAY_B + i) for i in range(n)]
     return [ct.NatEntry(REF_CALLER + i, REF_RELAY_A + i, REF_CALLEE + i, REF_RELAY_B + i) for i in range(n)]
 
 
-def reference_streams(n: int) -> list[Stream]:
-    return [Stream(REFERENCE, RELAY_IP, e.sport, e.dport, e.callee_port) for e in reference_entries(n)]
+def reference_streams(n: int, late: bool = False) -> list[Stream]:
+    return [Stream(REFERENCE_EV if late else REFERENCE, RELAY_IP, e.sport, e.dport, e.callee_port)
+            for e in reference_entries(n, late)]
 
 
 def relay_streams(calls, n: int) -> list[Stream]:
@@ -224,7 +230,8 @@ def summarize(result: BlastResult) -> dict:
         out[NAMES[g]] = {"streams": r.streams, "sent": r.sent, "received": r.received, "errors": r.errors,
                          "seconds": round(r.seconds, 4), "pps": round(r.pps, 1)}
     out["cycles"] = [{NAMES[g]: round(pps, 1) for g, pps in cycle.items()} for cycle in result.cycles()]
-    for top, bottom in (("reference", "plain"), ("relay", "reference")):
+    for top, bottom in (("reference", "plain"), ("relay", "reference"), ("relay", "reference_ev"),
+                        ("reference_ev", "reference")):
         ratios = cycle_ratios([out], top, bottom)
         if ratios:
             out[f"{top}/{bottom}"] = round(statistics.median(ratios), 4)
@@ -263,10 +270,10 @@ def delivered_ratio(run: dict, top: str, bottom: str):
     return None
 
 
-def ensure_reference(topo, n: int) -> int:
-    """The CLI's entries expire 30 s after their last packet (unreplied UDP):
-    put back any that are gone. Returns how many were put back."""
-    wanted = reference_entries(n)
+def ensure_reference(topo, n: int, late: bool = False) -> int:
+    """The CLI's entries expire after nf_conntrack_udp_timeout without packets
+    (unreplied UDP): put back any that are gone. Returns how many were put back."""
+    wanted = reference_entries(n, late)
     have = {(e.sport, e.dport) for e in ct.list_entries(topo, "-s", CALLER_IP, "-d", RELAY_IP)}
     missing = [e for e in wanted if (e.sport, e.dport) not in have]
     if missing:
@@ -410,6 +417,15 @@ def start_relay(topo, daemons: Daemons, n_max: int, details: dict):
                               "latched_and_handed_over_s": round(time.monotonic() - start, 3),
                               "kernel_entries": len(entries)}
     log(f"{len(calls)} calls set up in {setup_s:.1f} s, latched, {len(entries)} kernel entries")
+    # the reference once more, made now that the relay listens for conntrack events (new entries
+    # then get the kernel's event cache, as the relay's own do): a second reference, and a measure
+    # of how far apart two sets of equal entries land
+    seconds, failed = ct.run_each(topo, [ct.insert_command(e) for e in reference_entries(n_max, late=True)])
+    details["reference_ev_setup"] = {"entries": n_max, "seconds": round(seconds, 3), "failures": failed}
+    entry = reference_entries(1, late=True)[0]
+    source = probe(topo, entry.sport, (RELAY_IP, entry.dport), entry.callee_port)
+    if source != (RELAY_IP, entry.snat_port):
+        raise RuntimeError(f"the second hand-made NAT entry does not apply: the callee got {source}")
     call = calls[0]
     key = (call.caller_port, call.caller_facing)
     before = {(e.sport, e.dport): e.packets for e in relay_entries(topo)}
@@ -451,13 +467,21 @@ def measure_relay(topo, binaries, opts: Options, calls, daemons: Daemons, result
     for mode, rounds in (("packet", opts.rounds), ("udp", opts.udp_rounds)):
         for r in range(rounds):
             for n in opts.streams:
-                ensure_reference(topo, n_max)
-                run_ = interleaved(topo, binaries, {PLAIN: plain_streams(n), REFERENCE: reference_streams(n),
-                                                    RELAY: relay_streams(calls, n)}, n, opts, mode)
+                lost = ensure_reference(topo, n_max)
+                if lost:
+                    results.notes.append(f"{lost} of the first reference entries had expired and were made "
+                                         "again while the relay ran")
+                ensure_reference(topo, n_max, late=True)
+                groups = {PLAIN: plain_streams(n), REFERENCE: reference_streams(n), RELAY: relay_streams(calls, n)}
+                if opts.reference_ev:
+                    groups[REFERENCE_EV] = reference_streams(n, late=True)
+                run_ = interleaved(topo, binaries, groups, n, opts, mode)
                 phase_c.setdefault(mode, {}).setdefault(n, []).append(run_)
                 log(f"phase C {mode} sender, {n} streams: plain {run_['plain']['pps']:.0f}, reference "
-                    f"{run_['reference']['pps']:.0f}, relay {run_['relay']['pps']:.0f} packets/s "
-                    f"(relay/reference {ratio_of(run_, 'relay', 'reference'):.3f})")
+                    f"{run_['reference']['pps']:.0f}, relay {run_['relay']['pps']:.0f}"
+                    + (f", reference made while the relay runs {run_['reference_ev']['pps']:.0f}"
+                       if "reference_ev" in run_ else "")
+                    + f" packets/s (relay/reference {ratio_of(run_, 'relay', 'reference'):.3f})")
     # the relay's CPU while the kernel carries all of its streams
     pids = daemons.pids()
     time.sleep(0.5)
@@ -587,11 +611,16 @@ def derive(opts: Options, results: Results) -> None:
                         statistics.median(cycle_costs(runs, "relay", "reference")), 3)
                 numbers[f"relay_lost_{n}{suffix}"] = sum(run["relay"]["sent"] - run["relay"]["received"]
                                                         for run in runs if "relay" in run)
+                for top, bottom, key in (("relay", "reference_ev", f"kernel_pps_ratio_{n}_vs_reference_ev{suffix}"),
+                                         ("reference_ev", "reference", f"reference_ev_pps_ratio_{n}{suffix}")):
+                    ratios = cycle_ratios(runs, top, bottom)
+                    if ratios:
+                        numbers[key] = round(statistics.median(ratios), 4)
     lost = [(phase, mode, n, name, run[name]["sent"] - run[name]["received"], run[name]["sent"])
             for phase in ("pristine", "phase_b", "phase_c")
             for mode, by_n in (details.get(phase, {}).items() if phase != "pristine"
                                else [("packet", {n: [r] for n, r in details.get("pristine", {}).items()})])
-            for n, runs in by_n.items() for run in runs for name in ("plain", "reference", "relay")
+            for n, runs in by_n.items() for run in runs for name in ("plain", "reference", "relay", "reference_ev")
             if name in run and run[name]["sent"] - run[name]["received"] > 0.001 * run[name]["sent"]]
     for phase, mode, n, name, count, sent in lost:
         results.notes.append(f"{phase}, {mode} sender, {n} streams: {count} of {sent} {name} packets were not "

@@ -147,6 +147,11 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
            f"kernel_pps_ratio_{s}_delivered", 3) for s in streams],
         *[(f"reference/plain from the blasts' delivered totals (median of blasts), {_streams(s)}",
            f"reference_pps_ratio_{s}_delivered", 3) for s in streams],
+        *[(f"relay / the reference made again while the relay runs (a conntrack event listener present, as "
+           f"for the relay's own entries), {_streams(s)}", f"kernel_pps_ratio_{s}_vs_reference_ev", 3)
+          for s in streams],
+        *[(f"reference made while the relay runs / reference made before it (two references: how far apart "
+           f"equal entries land), {_streams(s)}", f"reference_ev_pps_ratio_{s}", 3) for s in streams],
         *[(f"reference/plain with the relay running (its rules loaded), {_streams(s)}",
            f"reference_pps_ratio_{s}_with_relay", 3) for s in streams],
         *[(f"UDP-socket sender: reference/plain, {_streams(s)}", f"reference_pps_ratio_{s}_udp_sender", 3)
@@ -187,9 +192,9 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
               "median over the blast's rounds; CPU share of the path: the sender's CPU time while sending "
               "(which includes the forwarding done in its context) over the sending time: well under 1 when "
               "other work on the machine took that CPU.", "",
-              "| Phase | Sender | Streams | plain | reference | relay | reference/plain | relay/reference "
-              "| CPU share of the path |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| Phase | Sender | Streams | plain | reference | reference made while the relay runs | relay "
+              "| reference/plain | relay/reference | CPU share of the path |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for phase, title in (("pristine", "0 (fresh namespace)"), ("phase_b", "B (hooks, CLI entries)"),
                          ("phase_c", "C (relay running)")):
         block = results.details.get(phase, {})
@@ -198,7 +203,8 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
         for mode, by_n in block.items():
             for s, runs in sorted(by_n.items(), key=lambda item: int(item[0])):
                 for run in runs:
-                    cells = [_fmt(run[name]["pps"]) if name in run else "" for name in ("plain", "reference", "relay")]
+                    cells = [_fmt(run[name]["pps"]) if name in run else ""
+                             for name in ("plain", "reference", "reference_ev", "relay")]
                     r1, r2 = run.get("reference/plain"), run.get("relay/reference")
                     share = run.get("path_cpu_share")
                     lines.append(f"| {title} | {mode} | {s} | {' | '.join(cells)} | "
