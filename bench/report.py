@@ -69,6 +69,14 @@ def _met(value, target, above: bool = True) -> str:
     return "met" if ok else "**missed**"
 
 
+def _without_cycles(value):
+    if isinstance(value, dict):
+        return {k: _without_cycles(v) for k, v in value.items() if k != "cycles"}
+    if isinstance(value, list):
+        return [_without_cycles(v) for v in value]
+    return value
+
+
 def write(output: Path, results, opts, elapsed: float) -> None:
     numbers, details = results.numbers, results.details
     info = machine()
@@ -78,7 +86,7 @@ def write(output: Path, results, opts, elapsed: float) -> None:
                        "group_seconds": opts.group_seconds, "payload_bytes": opts.size, "smoke": opts.smoke,
                        "elapsed_s": round(elapsed, 1)}
     data["available"] = results.available
-    data["details"] = details
+    data["details"] = _without_cycles(details)     # the per-round rates stay out: they are many
     (output / "results.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     (output / "RESULTS.md").write_text(markdown(results, opts, info, elapsed))
 
