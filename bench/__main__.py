@@ -22,12 +22,20 @@ FULL_LIMIT = 600        # seconds: a full run stops by itself after this
 SMOKE_LIMIT = 180
 
 
-class Overtime(Exception):
-    pass
+class Stopped(BaseException):
+    """Not an Exception: the scenarios' error handling must not swallow it."""
 
 
-def _overtime(signum, frame):
-    raise Overtime("the benchmark ran over its time limit")
+def _stop(signum, frame):
+    """Time limit, SIGTERM, SIGINT, SIGHUP: unwind, so that every namespace and
+    daemon is removed on the way out. Further signals are ignored meanwhile
+    (the clean-up is bounded in time; SIGKILL still works, and the next run
+    removes what a killed one left)."""
+    for other in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(other, signal.SIG_IGN)
+    if signum == signal.SIGALRM:
+        raise Stopped("the benchmark ran over its time limit")
+    raise Stopped(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def check_environment() -> list[str]:
@@ -78,17 +86,23 @@ def main(argv=None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))    # 4 sockets a call, and the parties' sockets
 
-    signal.signal(signal.SIGALRM, _overtime)
+    for signum in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _stop)
     signal.alarm(SMOKE_LIMIT if args.smoke else FULL_LIMIT)
     workdir = Path(tempfile.mkdtemp(prefix="mpb-work-"))
     started = time.time()
     try:
         results = kernel.run(opts, workdir)
+    except Stopped as exc:
+        print(f"bench: {exc}; namespaces and daemons removed; logs in {workdir}", file=sys.stderr)
+        return 1
     except BaseException:
         print(f"bench: failed; logs in {workdir}", file=sys.stderr)
         raise
     finally:
         signal.alarm(0)
+        for signum in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
     elapsed = time.time() - started
     output.mkdir(parents=True, exist_ok=True)
     report.write(output, results, opts, elapsed)
