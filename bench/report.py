@@ -86,6 +86,7 @@ def write(output: Path, results, opts, elapsed: float) -> None:
                        "group_seconds": opts.group_seconds, "payload_bytes": opts.size, "smoke": opts.smoke,
                        "elapsed_s": round(elapsed, 1)}
     data["available"] = results.available
+    data["notes"] = results.notes
     data["details"] = _without_cycles(details)     # the per-round rates stay out: they are many
     (output / "results.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     (output / "RESULTS.md").write_text(markdown(results, opts, info, elapsed))
@@ -244,7 +245,10 @@ scenario crosses the relay namespace the same way:
   the relay namespace; the calls are set up over the dispatcher's proxy
   socket (offer, answer), both parties send RTP until each receives the
   other's, the relay's entries (its mark) are listed, a probe packet must
-  raise an entry's counter; then the blasts.
+  raise an entry's counter; then the blasts. Next to it, the reference's
+  entries and a second set made the same way once the relay runs (as the
+  relay's own, while a conntrack event listener exists): how far apart two
+  sets of equal entries land is the noise floor of the comparison.
 
 The sender (`udpsend`, pinned to CPU 0) sends 172-byte RTP-looking datagrams,
 one group of streams per scenario, the groups in turn 10 ms each, as fast
