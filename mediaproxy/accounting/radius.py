@@ -11,6 +11,7 @@ import os
 log = logging.getLogger("mediaproxy.accounting")
 
 DEFAULT_USER = "mediaproxy@default"
+ACCT_STATUS_UPDATE = 3
 ACCT_PORT = 1813
 
 
@@ -60,7 +61,8 @@ def radius_attributes(statistics: dict) -> dict:
     else:
         info = ""
     attributes = {
-        "Acct-Status-Type": "Update",
+        # Update (Interim-Update in RFC 2866 dictionaries): sent as its number, which every dictionary knows
+        "Acct-Status-Type": ACCT_STATUS_UPDATE,
         "User-Name": statistics.get("username") or DEFAULT_USER,
         "Acct-Session-Id": statistics["call_id"],
         "Acct-Session-Time": int(round(statistics.get("duration") or 0)),

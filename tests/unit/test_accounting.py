@@ -153,7 +153,7 @@ def test_a_database_url_without_its_driver_is_refused_at_once():
 
 def test_the_radius_attributes_of_a_session():
     assert radius_attributes(statistics()) == {
-        "Acct-Status-Type": "Update",
+        "Acct-Status-Type": 3,
         "User-Name": "alice@example.com",
         "Acct-Session-Id": "call-1",
         "Acct-Session-Time": 62,
