@@ -6,9 +6,9 @@ namespace where conntrack NAT works (the benchmark's relay namespace):
 For each COUNT:BATCH it builds COUNT latched streams (real MediaStream
 objects, as the relay core makes them), hands them to
 ``ConntrackTable.install`` BATCH at a time (what ``KernelForwarding`` does
-with the hand-overs of one reactor turn: one commit of NOTRACK inhibitor
-rules, one netlink batch that deletes old entries and creates the new ones,
-one commit removing the rules), checks that the kernel has them all, then
+with the hand-overs of one reactor turn: one netlink batch that puts the
+flows in the NOTRACK inhibitor set, deletes old entries, creates the new
+ones and takes the flows out of the set again), checks that the kernel has them all, then
 removes them with ``ConntrackTable.remove_port`` one stream at a time (what
 a session's end does: last counters, then delete). Also the ceiling without
 the relay's bookkeeping and rules: the same entries created and deleted by
@@ -105,6 +105,24 @@ def run_netlink(netlink, streams, relay_ip: str, mark: int) -> dict:
             "left": len(netlink.dump(mark))}
 
 
+def remove_inhibitor(iptables, inhibitor_set: str) -> None:
+    """The bench's standing inhibitor rule and its ipset (a relay keeps its own across runs)."""
+    import iptc
+    from pyroute2 import IPSet
+
+    table = iptc.Table(iptc.Table.RAW)
+    table.refresh()
+    chain = iptc.Chain(table, "PREROUTING")
+    for rule in chain.rules:
+        if any(m.name == "comment" and m.comment == iptables.comment for m in rule.matches):
+            chain.delete_rule(rule)
+    sets = IPSet()
+    try:
+        sets.destroy(inhibitor_set)
+    finally:
+        sets.close()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--relay-ip", required=True)
@@ -122,9 +140,14 @@ def main(argv=None) -> int:
     from mediaproxy.relay.kernel.iptables import Iptables
     from mediaproxy.relay.kernel.netlink import ConntrackSocket
 
+    from mediaproxy.relay.kernel.setup import make_inhibitor_set
+
     netlink = ConntrackSocket(timeout=10.0)
     iptables = Iptables(args.mark)
-    table = ConntrackTable(netlink, iptables, args.relay_ip, args.mark)
+    inhibitor_set = "mediaproxy-%x" % args.mark
+    make_inhibitor_set(inhibitor_set)
+    iptables.ensure_inhibitor_rule(inhibitor_set)
+    table = ConntrackTable(netlink, iptables, args.relay_ip, args.mark, inhibitor_set)
     results = []
     try:
         # a dump walks the kernel's whole conntrack hash table (all namespaces
@@ -152,6 +175,7 @@ def main(argv=None) -> int:
         if requests:
             netlink.transact(requests)
         iptables.remove_stale_inhibitors()
+        remove_inhibitor(iptables, inhibitor_set)
         netlink.close()
     buckets = None
     try:

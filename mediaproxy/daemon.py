@@ -54,6 +54,7 @@ def setup_logging(name: str, options, level: int) -> None:
     root.setLevel(logging.DEBUG if options.debug else level)
     # Twisted's own messages (listening ports, connection retries) are chatty at info.
     logging.getLogger("twisted").setLevel(logging.WARNING if not options.debug else logging.DEBUG)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)     # its debug lines are per netlink message
 
 
 def bridge_twisted_logging() -> None:

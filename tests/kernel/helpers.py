@@ -109,8 +109,15 @@ def raw_rules(topo: Topology, host: str = RELAY_HOST) -> list[str]:
 
 
 def relay_rules(topo: Topology, host: str = RELAY_HOST) -> list[str]:
-    """The raw-table rules that carry the relay's comment (its NOTRACK inhibitors)."""
-    return [rule for rule in raw_rules(topo, host) if RULE_COMMENT in rule]
+    """The raw-table NOTRACK rules of single flows that carry the relay's comment: none should
+    stay. (The standing rule of the relay's inhibitor ipset, whose members come and go
+    within one netlink batch, is not one of them: see `inhibitor_set_rules`.)"""
+    return [rule for rule in raw_rules(topo, host) if RULE_COMMENT in rule and "--match-set" not in rule]
+
+
+def inhibitor_set_rules(topo: Topology, host: str = RELAY_HOST) -> list[str]:
+    """The relay's standing NOTRACK rule for the flows of its inhibitor ipset."""
+    return [rule for rule in raw_rules(topo, host) if RULE_COMMENT in rule and "--match-set" in rule]
 
 
 # -- the parties --

@@ -18,6 +18,7 @@ from tests.kernel.helpers import (
     CALLER_PORT,
     MARK,
     RTCP,
+    inhibitor_set_rules,
     RTP,
     Call,
     Flow,
@@ -129,6 +130,7 @@ def test_remove_leaves_no_entry_and_no_rule_and_reports_the_full_counts(make_rig
 
     assert rig.entries() == []
     assert rig.inhibitor_rules() == []
+    assert len(inhibitor_set_rules(rig.topo)) == 1        # the standing rule of the (empty) inhibitor set
     assert rig.summary()["kernel_entries"] == 0
     assert rig.sessions() == []
 

@@ -1,11 +1,15 @@
 """The relay's bookkeeping of its conntrack entries, against a fake kernel."""
 
 
+import socket
+import struct
+
 import pytest
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
 from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
 from mediaproxy.protocol.media import MediaDescription
-from mediaproxy.relay.kernel import ctnetlink
+from mediaproxy.relay.kernel import ctnetlink, ipset
 from mediaproxy.relay.kernel.conntrack import ConntrackTable, entry_for
 from mediaproxy.relay.kernel.ctnetlink import Entry, Tuple5
 from mediaproxy.relay.streams import CALLEE, CALLER, RTCP, RTP, MediaStream
@@ -16,8 +20,25 @@ CALLER_ADDRESS = ("198.51.100.10", 4000)
 CALLEE_ADDRESS = ("192.0.2.20", 6000)
 
 
+def inhibitor_request(message: bytes):
+    """("inhibit"/"release", [(source, destination port, destination), ...]) of an ipset request."""
+    command = struct.unpack_from("=H", message, 4)[0] & 0xFF
+    kind = {ipset.IPSET_CMD_ADD: "inhibit", ipset.IPSET_CMD_DEL: "release"}[command]
+    address_header = (8, ipset.IPSET_ATTR_IPADDR_IPV4 | ipset.NLA_F_NET_BYTEORDER)
+    port_header = (6, ipset.IPSET_ATTR_PORT | ipset.NLA_F_NET_BYTEORDER)
+    addresses = [socket.inet_ntoa(message[i + 4:i + 8]) for i in range(20, len(message) - 7, 4)
+                 if struct.unpack_from("=HH", message, i) == address_header]
+    ports = [struct.unpack_from(">H", message, i + 4)[0] for i in range(20, len(message) - 5, 4)
+             if struct.unpack_from("=HH", message, i) == port_header]
+    members = [(addresses[2 * n], port, addresses[2 * n + 1]) for n, port in enumerate(ports)]
+    seq = struct.unpack_from("=I", message, 8)[0]
+    return kind, members, seq
+
+
 def requests_of(message: bytes):
-    """(kind, orig tuple, nat dst) of one request, read by pyroute2."""
+    """(kind, orig tuple, seq) of one request, read by pyroute2 (ctnetlink) or by hand (ipset)."""
+    if struct.unpack_from("=H", message, 4)[0] >> 8 == NFNL_SUBSYS_IPSET:
+        return inhibitor_request(message)
     msg = nfct_msg(message)
     msg.decode()
     kind = {ctnetlink.MSG_NEW: "new", ctnetlink.MSG_DELETE: "delete", ctnetlink.MSG_GET: "get"}[msg["header"]["type"]]
@@ -33,6 +54,7 @@ class FakeNetlink:
 
     def __init__(self):
         self.entries = {}          # orig Tuple5 -> Entry
+        self.inhibited = set()     # members of the inhibitor set
         self.batches = []
         self.refuse = set()        # orig tuples whose creation fails with EEXIST
         self.fail = False
@@ -49,7 +71,13 @@ class FakeNetlink:
         self.batches.append(batch)
         errors, found = {}, {}
         for kind, flow, seq in batch:
-            if kind == "new":
+            if kind == "inhibit":
+                self.inhibited.update(flow)
+                errors[seq] = 0
+            elif kind == "release":
+                self.inhibited.difference_update(flow)
+                errors[seq] = 0
+            elif kind == "new":
                 if flow in self.refuse or flow in self.entries:
                     errors[seq] = 17
                 else:
@@ -67,23 +95,6 @@ class FakeNetlink:
         return [entry for entry in self.entries.values() if mark is None or entry.mark == mark]
 
 
-class FakeIptables:
-    def __init__(self):
-        self.held = []
-        self.log = []
-
-    def hold(self, flows):
-        rules = list(flows)
-        self.held.extend(rules)
-        self.log.append(("hold", rules))
-        return rules
-
-    def release(self, rules):
-        for rule in rules:
-            self.held.remove(rule)
-        self.log.append(("release", list(rules)))
-
-
 def latched_stream(caller_port=40000, callee_port=40002):
     stream = MediaStream("audio", caller_port, callee_port, 0.0)
     stream.call_id = "call-1"
@@ -95,8 +106,8 @@ def latched_stream(caller_port=40000, callee_port=40002):
 
 @pytest.fixture
 def kernel():
-    netlink, iptables = FakeNetlink(), FakeIptables()
-    return netlink, iptables, ConntrackTable(netlink, iptables, RELAY, MARK)
+    netlink = FakeNetlink()
+    return netlink, ConntrackTable(netlink, None, RELAY, MARK, "mediaproxy-4d50")
 
 
 def test_an_entry_relays_the_caller_to_the_callee_from_the_callee_leg():
@@ -106,52 +117,56 @@ def test_an_entry_relays_the_caller_to_the_callee_from_the_callee_leg():
     assert entry.relay_b == (RELAY, 40003)
 
 
-def test_a_hand_over_holds_the_inhibitors_replaces_the_old_entries_and_releases_the_inhibitors(kernel):
-    netlink, iptables, table = kernel
+def test_a_hand_over_inhibits_the_flows_replaces_the_old_entries_and_releases_the_flows_in_one_batch(kernel):
+    netlink, table = kernel
     stream = latched_stream()
     caller_flow = Tuple5("198.51.100.10", RELAY, 4000, 40000)
     callee_flow = Tuple5("192.0.2.20", RELAY, 6000, 40002)
     netlink.entries[caller_flow] = Entry(ctnetlink.MSG_NEW, caller_flow, None, proto=17)   # made by user space
     installed = table.install([entry_for(stream, RTP, RELAY)])
     assert len(installed) == 1 and len(table) == 1
-    assert iptables.log == [("hold", [caller_flow, callee_flow]), ("release", [caller_flow, callee_flow])]
-    assert iptables.held == []
     [batch] = netlink.batches
-    assert batch[:2] == [("delete", caller_flow, batch[0][2]), ("delete", callee_flow, batch[1][2])]
-    assert batch[2][:2] == ("new", caller_flow)
+    caller_member, callee_member = ("198.51.100.10", 40000, RELAY), ("192.0.2.20", 40002, RELAY)
+    assert [request[:2] for request in batch] == [
+        ("inhibit", [caller_member, callee_member]),
+        ("delete", caller_flow), ("delete", callee_flow),
+        ("new", caller_flow),
+        ("release", [caller_member, callee_member])]
+    assert netlink.inhibited == set()
     assert list(netlink.entries) == [caller_flow]
     assert table.kernel_ports == {40000, 40002}
 
 
 def test_hand_overs_of_one_turn_go_in_one_batch(kernel):
-    netlink, iptables, table = kernel
+    netlink, table = kernel
     streams = [latched_stream(40000 + 4 * i, 40002 + 4 * i) for i in range(3)]
     for stream in streams:      # every stream from another caller port
         stream.leg(CALLER).latched = [("198.51.100.10", 5000 + stream.leg(CALLER).port),
                                       ("198.51.100.10", 5001 + stream.leg(CALLER).port)]
     table.install([entry_for(stream, component, RELAY) for stream in streams for component in (RTP, RTCP)])
     assert len(netlink.batches) == 1 and len([r for r in netlink.batches[0] if r[0] == "new"]) == 6
-    assert [kind for kind, _ in iptables.log] == ["hold", "release"]
+    [inhibit] = [r for r in netlink.batches[0] if r[0] == "inhibit"]
+    assert len(inhibit[1]) == 12 and netlink.inhibited == set()
 
 
 def test_a_refused_entry_stays_in_user_space(kernel):
-    netlink, _, table = kernel
+    netlink, table = kernel
     stream = latched_stream()
     netlink.refuse.add(Tuple5("198.51.100.10", RELAY, 4000, 40000))
     assert table.install([entry_for(stream, RTP, RELAY)]) == []
     assert len(table) == 0 and table.kernel_ports == set()
 
 
-def test_the_inhibitors_are_released_when_netlink_fails(kernel):
-    netlink, iptables, table = kernel
+def test_nothing_is_registered_when_netlink_fails(kernel):
+    netlink, table = kernel
     netlink.fail = True
     with pytest.raises(OSError):
         table.install([entry_for(latched_stream(), RTP, RELAY)])
-    assert iptables.held == [] and len(table) == 0
+    assert len(table) == 0 and table.kernel_ports == set()
 
 
 def test_counters_are_udp_payload_and_kept_when_the_entry_goes(kernel):
-    netlink, _, table = kernel
+    netlink, table = kernel
     stream = latched_stream()
     [entry] = table.install([entry_for(stream, RTP, RELAY)])
     user_space = stream.leg(CALLER).packet_count, stream.leg(CALLEE).packet_count
@@ -171,14 +186,14 @@ def test_counters_are_udp_payload_and_kept_when_the_entry_goes(kernel):
 
 
 def test_an_entry_the_kernel_no_longer_has_is_reported_gone(kernel):
-    netlink, _, table = kernel
+    netlink, table = kernel
     [entry] = table.install([entry_for(latched_stream(), RTP, RELAY)])
     netlink.entries.clear()
     assert table.refresh_counters() == {entry}
 
 
 def test_leftovers_are_our_mark_and_the_udp_flows_of_our_ports_only(kernel):
-    netlink, _, table = kernel
+    netlink, table = kernel
     flows = {
         "marked": (Tuple5("198.51.100.1", "192.0.2.99", 1, 2), MARK, 17),
         "to our port": (Tuple5("198.51.100.1", RELAY, 4000, 40010), 0, 17),
@@ -238,3 +253,23 @@ def test_stun_is_relayed_but_only_media_hands_a_stream_to_the_kernel():
     stream.on_packet(CALLEE, RTP, CALLEE_ADDRESS, b"\x80\x08" + b"\0" * 10, 2.5)
     assert listener.latched_components == [RTP] and stream.is_latched(RTP)
     assert stream.first_media_time == 2.0
+
+
+def test_several_inhibited_flows_go_in_one_list_message_as_the_kernel_takes_it():
+    flows = [Tuple5("198.51.100.10", RELAY, 4000 + n, 40000 + 2 * n) for n in range(3)]
+    one, many = ipset.encode_add(1, "mediaproxy-4d50", flows[:1]), ipset.encode_add(2, "mediaproxy-4d50", flows)
+    attributes = lambda message: [struct.unpack_from("=H", message, 20 + offset + 2)[0] & 0x3FFF  # noqa: E731
+                                  for offset in attribute_offsets(message)]
+    assert attributes(one) == [ipset.IPSET_ATTR_PROTOCOL, ipset.IPSET_ATTR_SETNAME, ipset.IPSET_ATTR_DATA]
+    # a list (ADT) must come with a line number, or the kernel answers IPSET_ERR_PROTOCOL
+    assert attributes(many) == [ipset.IPSET_ATTR_PROTOCOL, ipset.IPSET_ATTR_SETNAME, ipset.IPSET_ATTR_LINENO,
+                                ipset.IPSET_ATTR_ADT]
+    assert inhibitor_request(many)[1] == [(flow.src, flow.dport, flow.dst) for flow in flows]
+
+
+def attribute_offsets(message):
+    offset, end = 0, len(message) - 20
+    while offset < end:
+        length = struct.unpack_from("=H", message, 20 + offset)[0]
+        yield offset
+        offset += (length + 3) & ~3

@@ -5,9 +5,12 @@ latched is handed to the kernel: the entry's original tuple is
 caller -> relay:A, with DNAT to the callee's address and SNAT to relay:B,
 so the kernel relays both directions. Entries carry the relay's mark.
 
-Hand-overs are batched: the ones asked for in one reactor turn get their
-inhibitor rules in one commit, their old entries deleted and new entries
-created in one netlink batch, and the rules removed in one commit.
+Hand-overs are batched: the ones asked for in one reactor turn go to the
+kernel in one netlink batch, which the kernel carries out in order: the
+sub-streams' flows join the inhibitor set (their packets bypass conntrack),
+the user-space path's entries are deleted, the NAT entries created, and the
+flows leave the set again. A packet arriving meanwhile reaches the relay's
+socket untracked instead of creating a wrong entry.
 """
 
 import logging
@@ -15,7 +18,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from mediaproxy.relay.kernel import ctnetlink
+from mediaproxy.relay.kernel import ctnetlink, ipset
 from mediaproxy.relay.kernel.ctnetlink import Tuple5
 from mediaproxy.relay.streams import CALLEE, CALLER, RTP
 
@@ -53,9 +56,10 @@ def entry_for(stream, component: int, relay_ip: str) -> KernelEntry:
 class ConntrackTable:
     """What of the kernel's conntrack table is ours, and the batched changes to it."""
 
-    def __init__(self, netlink, iptables, relay_ip: str, mark: int):
+    def __init__(self, netlink, iptables, relay_ip: str, mark: int, inhibitor_set: str):
         self.netlink = netlink
         self.iptables = iptables
+        self.inhibitor_set = inhibitor_set
         self.relay_ip = relay_ip
         self.mark = mark
         self.by_orig = {}             # orig Tuple5 -> KernelEntry
@@ -97,22 +101,27 @@ class ConntrackTable:
             incoming.append(entry.orig)
             callee_ip, callee_port = entry.callee
             incoming.append(Tuple5(callee_ip, self.relay_ip, callee_port, entry.relay_b[1]))
-        rules = self.iptables.hold(incoming)
-        try:
-            requests, creates = [], {}
-            for entry, callee_flow in zip(entries, incoming[1::2]):
-                for flow in (entry.orig, callee_flow):          # the entries of the user-space path
-                    seq = self.netlink.next_seq()
-                    requests.append((seq, ctnetlink.encode_delete(seq, flow)))
-            timeout = udp_stream_timeout()
-            for entry in entries:
-                seq = self.netlink.next_seq()
-                requests.append((seq, ctnetlink.encode_nat_entry4(seq, entry.orig, entry.callee, entry.relay_b,
-                                                                  timeout, self.mark)))
-                creates[seq] = entry
-            errors = self.netlink.transact(requests)["errors"]
-        finally:
-            self.iptables.release(rules)
+        next_seq, requests, creates = self.netlink.next_seq, [], {}
+
+        def request(encode, *args):
+            seq = next_seq()
+            requests.append((seq, encode(seq, *args)))
+            return seq
+        chunks = [incoming[i:i + ipset.MAX_MEMBERS] for i in range(0, len(incoming), ipset.MAX_MEMBERS)]
+        inhibitions = [request(ipset.encode_add, self.inhibitor_set, chunk) for chunk in chunks]
+        for flow in incoming:                                   # the entries of the user-space path
+            request(ctnetlink.encode_delete, flow)
+        timeout = udp_stream_timeout()
+        for entry in entries:
+            seq = request(ctnetlink.encode_nat_entry4, entry.orig, entry.callee, entry.relay_b, timeout, self.mark)
+            creates[seq] = entry
+        for chunk in chunks:
+            request(ipset.encode_del, self.inhibitor_set, chunk)
+        errors = self.netlink.transact(requests)["errors"]
+        failed = [errors[seq] for seq in inhibitions if errors.get(seq)]
+        if failed:
+            log.warning("the inhibitor set %s refused %d flows (%s): packets arriving during this hand-over "
+                        "could make wrong entries", self.inhibitor_set, len(incoming), os.strerror(failed[0]))
         installed = []
         for seq, entry in creates.items():
             error = errors.get(seq)

@@ -75,6 +75,25 @@ def probe_nat(netlink: ConntrackSocket, ip: str, mark: int) -> None:
             sock.close()
 
 
+def make_inhibitor_set(name: str) -> None:
+    """The ipset of the NOTRACK inhibitor, created (pyroute2) or emptied of an earlier run's members."""
+    from pyroute2 import IPSet
+    from pyroute2.netlink.exceptions import NetlinkError
+    try:
+        sets = IPSet()
+        try:
+            try:
+                sets.create(name, stype="hash:ip,port,ip")
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+                sets.flush(name)
+        finally:
+            sets.close()
+    except (NetlinkError, OSError) as e:
+        raise KernelUnavailable("cannot make the ipset %s for the NOTRACK inhibitor: %s" % (name, e)) from None
+
+
 def start_kernel_path(relay_ip: str, mark: int, port_range):
     """(ConntrackTable, EventSocket) ready for use, or KernelUnavailable."""
     if ":" in relay_ip:
@@ -85,6 +104,10 @@ def start_kernel_path(relay_ip: str, mark: int, port_range):
         iptables = Iptables(mark)
         iptables.enable_conntrack_hooks()
         iptables.ensure_traffic_counter()
+        stale_rules = iptables.remove_stale_inhibitors()
+        inhibitor_set = "mediaproxy-%x" % mark
+        make_inhibitor_set(inhibitor_set)
+        iptables.ensure_inhibitor_rule(inhibitor_set)
         netlink = ConntrackSocket()
     except IptablesError as e:
         raise KernelUnavailable(str(e)) from None
@@ -94,10 +117,9 @@ def start_kernel_path(relay_ip: str, mark: int, port_range):
         raise KernelUnavailable("no conntrack netlink: %s" % e.strerror) from None
     try:
         _write(CONNTRACK_ACCT, "1")
-        table = ConntrackTable(netlink, iptables, relay_ip, mark)
-        stale_rules = iptables.remove_stale_inhibitors()
+        table = ConntrackTable(netlink, iptables, relay_ip, mark, inhibitor_set)
         stale_entries = table.remove_leftovers(port_range)
-        if stale_rules or stale_entries:
+        if stale_entries or stale_rules:
             log.warning("removed what an earlier run left: %d conntrack entries, %d iptables rules",
                         stale_entries, stale_rules)
         probe_nat(netlink, relay_ip, mark)

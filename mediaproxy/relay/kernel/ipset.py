@@ -1,0 +1,74 @@
+"""ipset netlink messages for the inhibitor set, encoded without I/O.
+
+The set (type hash:ip,port,ip) holds (source address, destination port,
+destination address) of UDP flows: while a flow is a member, one NOTRACK
+rule keeps its packets out of conntrack. Adding and removing members are
+netlink messages like ctnetlink's, so they go in the same batches.
+"""
+
+import socket
+import struct
+
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
+
+IPSET_CMD_FLUSH, IPSET_CMD_ADD, IPSET_CMD_DEL = 4, 9, 10
+IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_DATA, IPSET_ATTR_ADT, IPSET_ATTR_LINENO = 1, 2, 7, 8, 9
+IPSET_ATTR_IP, IPSET_ATTR_PORT, IPSET_ATTR_PROTO, IPSET_ATTR_IP2 = 1, 4, 7, 20
+IPSET_ATTR_IPADDR_IPV4 = 1
+IPSET_PROTOCOL = 6          # the oldest protocol version current kernels take (they speak 6 and 7)
+NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
+
+_HEADER = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _message(command: int, seq: int, body: bytes) -> bytes:
+    payload = _NFGEN.pack(socket.AF_INET, 0, 0) + body
+    return _HEADER.pack(_HEADER.size + len(payload), (NFNL_SUBSYS_IPSET << 8) | command,
+                        NLM_F_REQUEST | NLM_F_ACK, seq, 0) + payload
+
+
+def _head(name: str) -> bytes:
+    return _attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL])) + _attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
+
+
+MAX_MEMBERS = 500            # members in one message (one message must stay well inside a netlink batch)
+
+
+def _data(flow) -> bytes:
+    return _attr(IPSET_ATTR_DATA | NLA_F_NESTED,
+                 _attr(IPSET_ATTR_IP | NLA_F_NESTED,
+                       _attr(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, socket.inet_aton(flow.src)))
+                 + _attr(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack(">H", flow.dport))
+                 + _attr(IPSET_ATTR_PROTO, bytes([socket.IPPROTO_UDP]))
+                 + _attr(IPSET_ATTR_IP2 | NLA_F_NESTED,
+                         _attr(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, socket.inet_aton(flow.dst))))
+
+
+def _members(command: int, seq: int, name: str, flows) -> bytes:
+    """One message for several members: the kernel takes a list of them (IPSET_ATTR_ADT), as for restore."""
+    flows = list(flows)
+    if len(flows) == 1:
+        return _message(command, seq, _head(name) + _data(flows[0]))
+    # the kernel wants a line number with a list (restore reports errors by line)
+    return _message(command, seq, _head(name) + _attr(IPSET_ATTR_LINENO, struct.pack("=I", 0))
+                    + _attr(IPSET_ATTR_ADT | NLA_F_NESTED, b"".join(_data(flow) for flow in flows)))
+
+
+def encode_add(seq: int, name: str, flows) -> bytes:
+    """Hold these flows' packets out of conntrack (a member added twice is no error)."""
+    return _members(IPSET_CMD_ADD, seq, name, flows)
+
+
+def encode_del(seq: int, name: str, flows) -> bytes:
+    return _members(IPSET_CMD_DEL, seq, name, flows)
+
+
+def encode_flush(seq: int, name: str) -> bytes:
+    return _message(IPSET_CMD_FLUSH, seq, _head(name))
