@@ -50,6 +50,19 @@ def run_api(table, streams, batch: int, relay_ip: str, mark: int) -> dict:
     from mediaproxy.relay.streams import CALLER, RTP
 
     entries = [entry_for(stream, RTP, relay_ip) for stream in streams]
+    # What the first packets of both parties left in the kernel before a hand-over: the
+    # user-space path's entries, which the hand-over deletes (without them every delete
+    # fails, and the kernel answers each failure).
+    from mediaproxy.relay.kernel import ctnetlink
+    from mediaproxy.relay.kernel.ctnetlink import Tuple5
+
+    netlink, requests = table.netlink, []
+    for entry in entries:
+        callee_ip, callee_port = entry.callee
+        for flow in (entry.orig, Tuple5(callee_ip, relay_ip, callee_port, entry.relay_b[1])):
+            seq = netlink.next_seq()
+            requests.append((seq, ctnetlink.encode_plain_entry(seq, flow, 60)))
+    netlink.transact(requests)
     start = time.perf_counter()
     installed = 0
     for k in range(0, len(entries), batch):

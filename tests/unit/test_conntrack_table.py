@@ -273,3 +273,8 @@ def attribute_offsets(message):
         length = struct.unpack_from("=H", message, 20 + offset)[0]
         yield offset
         offset += (length + 3) & ~3
+
+
+def test_the_packed_ipv4_member_is_the_general_one():
+    flow = Tuple5("198.51.100.10", RELAY, 4000, 40000)
+    assert ipset._data(flow) == ipset._data_general(flow)

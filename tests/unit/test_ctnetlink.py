@@ -114,3 +114,16 @@ def test_a_truncated_buffer_gives_what_is_whole_and_no_exception():
     data = kernel_entry(ctnetlink.MSG_NEW, CALLER, CALLER.inverse()) + ack(5, 0)
     for cut in range(len(data)):
         ctnetlink.decode_messages(data[:cut])
+
+
+def test_the_packed_ipv4_delete_is_the_general_one():
+    general = ctnetlink._message(ctnetlink.MSG_DELETE, 0x1 | 0x4, 5, socket.AF_INET,
+                                 ctnetlink._tuple(ctnetlink.CTA_TUPLE_ORIG, CALLER))
+    assert ctnetlink.encode_delete(5, CALLER) == general
+
+
+def test_a_plain_entry_has_no_nat():
+    msg = decoded(ctnetlink.encode_plain_entry(4, CALLER, 30, 0))
+    assert msg["header"]["type"] == ctnetlink.MSG_NEW
+    assert msg.get_attr("CTA_NAT_DST") is None and msg.get_attr("CTA_NAT_SRC") is None
+    assert tuple_of(msg.get_attr("CTA_TUPLE_REPLY")) == ("203.0.113.5", "198.51.100.10", 17, 40000, 4000)

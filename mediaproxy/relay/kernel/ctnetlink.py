@@ -178,8 +178,22 @@ def encode_nat_entry4(seq: int, orig: Tuple5, nat_dst: Address, nat_src: Address
                             8, CTA_TIMEOUT, socket.htonl(timeout), 8, CTA_MARK, socket.htonl(mark))
 
 
+def encode_plain_entry(seq: int, orig: Tuple5, timeout: int, mark: int = 0) -> bytes:
+    """An entry without NAT, like the one a first packet makes (for tests and benchmarks)."""
+    body = (_tuple(CTA_TUPLE_ORIG, orig) + _tuple(CTA_TUPLE_REPLY, orig.inverse())
+            + _attr(CTA_TIMEOUT, struct.pack(">I", timeout)) + _attr(CTA_MARK, struct.pack(">I", mark)))
+    return _message(MSG_NEW, _NAT_FLAGS, seq, _family(orig.src), body)
+
+
+_DELETE4 = struct.Struct("=IHHII" "BBH" + _TUPLE4)
+
+
 def encode_delete(seq: int, flow: Tuple5) -> bytes:
     """Delete the entry that has `flow` as its original or its reply tuple."""
+    if ":" not in flow.src:
+        return _DELETE4.pack(_DELETE4.size, MSG_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, 0, socket.AF_INET, 0, 0,
+                             *_tuple4_values(CTA_TUPLE_ORIG, socket.inet_aton(flow.src), socket.inet_aton(flow.dst),
+                                             flow.sport, flow.dport))
     return _message(MSG_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, _family(flow.src), _tuple(CTA_TUPLE_ORIG, flow))
 
 

@@ -41,7 +41,23 @@ def _head(name: str) -> bytes:
 MAX_MEMBERS = 500            # members in one message (one message must stay well inside a netlink batch)
 
 
+# One member of an IPv4 set, packed at once (the layout of _data_general for IPv4).
+_DATA4 = struct.Struct("=HH" "HHHH4s" "HHH2x" "HHB3x" "HHHH4s")
+
+
 def _data(flow) -> bytes:
+    if ":" not in flow.src:
+        return _DATA4.pack(44, IPSET_ATTR_DATA | NLA_F_NESTED,
+                           12, IPSET_ATTR_IP | NLA_F_NESTED, 8, IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER,
+                           socket.inet_aton(flow.src),
+                           6, IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, socket.htons(flow.dport),
+                           5, IPSET_ATTR_PROTO, socket.IPPROTO_UDP,
+                           12, IPSET_ATTR_IP2 | NLA_F_NESTED, 8, IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER,
+                           socket.inet_aton(flow.dst))
+    return _data_general(flow)
+
+
+def _data_general(flow) -> bytes:
     return _attr(IPSET_ATTR_DATA | NLA_F_NESTED,
                  _attr(IPSET_ATTR_IP | NLA_F_NESTED,
                        _attr(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, socket.inet_aton(flow.src)))
