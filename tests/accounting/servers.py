@@ -92,6 +92,28 @@ def _chown_tree(path: Path, user: str) -> None:
             os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
+def _descendants(pid: int, include_self: bool = False) -> list[int]:
+    """`pid`'s children, theirs, ... (postgres' processes each lead a session of their own,
+    so a process group does not hold them all)."""
+    found, pending = ([pid] if include_self else []), [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            children = [int(c) for c in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        except OSError:
+            children = []
+        found += children
+        pending += children
+    return found
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 # -- PostgreSQL --
 
 
@@ -185,6 +207,17 @@ class PostgresServer:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.running
+
+    def freeze(self) -> None:
+        """SIGSTOP every postgres process: the port still accepts TCP connections (the kernel
+        does that), nothing answers (a hung server, not a dead one). `thaw()` undoes it."""
+        for pid in _descendants(self.process.command_pid, include_self=True):
+            _kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.process is not None:
+            for pid in _descendants(self.process.command_pid, include_self=True):
+                _kill(pid, signal.SIGCONT)
 
     def url(self, database: str = "postgres") -> str:
         """The SQLAlchemy URL (the default driver: psycopg2)."""
