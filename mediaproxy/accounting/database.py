@@ -8,13 +8,17 @@ import logging
 
 import sqlalchemy
 from sqlalchemy import Column, MetaData, String, Table, Text, UniqueConstraint
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
+
+CONNECT_TIMEOUT = 10        # seconds: a server that does not answer is an error, not a hang
 
 log = logging.getLogger("mediaproxy.accounting")
 
 
 class DatabaseBackend:
     name = "database"
+    # errors that the same record will always meet: it is set aside, the others go on
+    permanent_errors = (DataError, ProgrammingError, ValueError, TypeError)
 
     def __init__(self, config):
         if not config.dburi:
@@ -22,14 +26,17 @@ class DatabaseBackend:
         self.config = config
         try:
             # Checks the URL and that its driver is installed; connects only when used.
-            self.engine = sqlalchemy.create_engine(config.dburi, pool_pre_ping=True)
+            url = sqlalchemy.engine.make_url(config.dburi)
+            connect_args = {"connect_timeout": CONNECT_TIMEOUT} if url.get_backend_name() in (
+                "postgresql", "mysql", "mariadb") else {}
+            self.engine = sqlalchemy.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         except Exception as e:
             raise ValueError("[Database] dburi %r cannot be used: %s" % (config.dburi, e)) from None
         metadata = MetaData()
         self.table = Table(config.sessions_table, metadata,
                            Column(config.callid_column, String(255), nullable=False),
-                           Column(config.fromtag_column, String(64), nullable=False),
-                           Column(config.totag_column, String(64), nullable=False),
+                           Column(config.fromtag_column, String(255), nullable=False),
+                           Column(config.totag_column, String(255), nullable=False),
                            Column(config.info_column, Text),
                            UniqueConstraint(config.callid_column, config.fromtag_column, config.totag_column,
                                             name="%s_session" % config.sessions_table))

@@ -11,6 +11,7 @@ import os
 log = logging.getLogger("mediaproxy.accounting")
 
 DEFAULT_USER = "mediaproxy@default"
+MAX_STRING = 253            # octets in one RADIUS attribute
 ACCT_STATUS_UPDATE = 3
 ACCT_PORT = 1813
 
@@ -79,11 +80,17 @@ def radius_attributes(statistics: dict) -> dict:
     }
     if relay_ip and ":" not in relay_ip:
         attributes["NAS-IP-Address"] = relay_ip      # the relay that carried the media
+    if not info:
+        del attributes["Media-Info"]                 # RFC 2865: no empty attributes
+    for name, value in attributes.items():
+        if isinstance(value, str) and len(value.encode()) > MAX_STRING:
+            attributes[name] = value.encode()[:MAX_STRING].decode("utf-8", "ignore")
     return attributes
 
 
 class RadiusBackend:
     name = "radius"
+    permanent_errors = (ValueError, TypeError, KeyError)      # a record pyrad cannot encode
 
     def __init__(self, config, config_dir: str):
         from pyrad.dictionary import Dictionary
@@ -115,7 +122,7 @@ class RadiusBackend:
             raise RadiusConfigError("cannot load the RADIUS dictionaries %s: %s" % (", ".join(dictionaries), e))
         self.secret = secret.encode()
         self.timeout = int(options.get("radius_timeout", 10))
-        self.retries = int(options.get("radius_retries", 3))
+        self.retries = max(1, int(options.get("radius_retries", 3)))    # pyrad counts attempts
         bind = options.get("bindaddr", "*")
         self.bind_address = None if bind in ("*", "") else bind
         self.client = None

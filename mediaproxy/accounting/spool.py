@@ -63,6 +63,17 @@ class Spool:
                     pass
         return None
 
+    def set_aside(self, name: str) -> str:
+        """A record its backend will never take: kept as NAME.bad for the operator."""
+        path = os.path.join(self.directory, name)
+        try:
+            os.replace(path, path + ".bad")
+        except OSError:
+            pass
+        if name in self._names:
+            self._names.remove(name)
+        return path + ".bad"
+
     def remove(self, name: str) -> None:
         try:
             os.unlink(os.path.join(self.directory, name))

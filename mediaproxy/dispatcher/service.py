@@ -100,9 +100,9 @@ class DispatcherService(service.MultiService):
 
     def stopService(self):
         self.dialogs.stop()
-        self.accounting.stop()
         if save_state(self.state_path, self.dispatcher.sessions.values()):
             log.info("saved %d sessions to %s", len(self.dispatcher.sessions), self.state_path)
+        self.accounting.stop()
         deferred = super().stopService()
         if getattr(self, "_proxy_port", None) is not None:
             self._proxy_port.stopListening()       # Twisted removes the socket file

@@ -7,7 +7,7 @@ sends; afterwards only that address is accepted. A packet received on one
 leg is sent out of the other leg's port to the other party.
 """
 
-from typing import Callable, Optional
+from typing import Callable
 
 from mediaproxy.protocol.media import MediaDescription
 from mediaproxy.relay.rtp import codec_name, is_stun, rtp_payload_type

@@ -16,15 +16,6 @@ from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.integration
 
-BUG_HUNG_SERVER = (
-    "BUG: mediaproxy/accounting/worker.py BackendWorker.stop() calls ThreadPool.stop(), which joins the backend's "
-    "thread, and mediaproxy/dispatcher/service.py stopService() stops the accounting before save_state(): a database "
-    "write blocked on a hung server (no client-side timeout in database.py) keeps SIGTERM from ever finishing, the "
-    "sessions are not saved, only SIGKILL ends the dispatcher (while `accounting` shows last_error None). Fix: do not "
-    "wait for a write in progress at stop (a daemon thread; the record stays in the spool), save the state first, "
-    "and bound the database calls (e.g. connect_args connect_timeout / TCP keepalives or tcp_user_timeout for "
-    "PostgreSQL) so that a hung server shows as an error and is retried")
-
 STOP_TIMEOUT = 10
 
 
@@ -35,7 +26,6 @@ def rows(postgres, call_id):
         return [(0,)]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_HUNG_SERVER)
 def test_the_dispatcher_stops_and_keeps_the_record_while_the_database_server_hangs(cluster, postgres):
     url = postgres.create_database("accounting")
     cluster.start_dispatcher(accounting="database", sections={"Database": {"dburi": url}})

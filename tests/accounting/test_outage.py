@@ -99,7 +99,7 @@ def test_records_of_calls_ended_while_the_servers_are_down_arrive_once_after_a_r
     assert all(json.loads(row[3])["call_id"] == row[0] for row in rows)
     assert postgres.query("accounting", "SELECT count(*) FROM media_sessions") == [(CALLS + 1,)]
     status = accounting_status(cluster)["database"]
-    assert status == {"backend": "database", "queued": 0, "written": CALLS, "last_error": None}, status
+    assert status == {"backend": "database", "queued": 0, "written": CALLS, "set_aside": 0, "last_error": None}, status
     spool = cluster.runtime_root / "dispatcher" / "accounting"
     assert list((spool / "database").iterdir()) == []
 

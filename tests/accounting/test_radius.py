@@ -46,7 +46,7 @@ def test_each_ended_call_is_an_accounting_request_with_the_attributes_of_its_sta
 
     wait_for(all_written, timeout=20, interval=0.2, message="the records to be written")
     assert accounting_status(cluster)["radius"] == {"backend": "radius", "queued": 0, "written": submitted,
-                                                    "last_error": None}
+                                                    "set_aside": 0, "last_error": None}
     entries = wait_for(lambda: len(radius.entries()) == submitted and radius.entries(), timeout=10,
                        message="FreeRADIUS to log %d requests" % submitted)
     accounted = statistics(url)

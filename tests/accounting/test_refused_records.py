@@ -23,15 +23,6 @@ LONG_UA = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML,
            "Safari/537.36 Edg/126.0.0.0 SIP.js/0.21.2")                  # 139 characters
 CALLER_UA, CALLEE_UA = LONG_UA + " caller", LONG_UA + " callee"
 
-BUG_HEAD_OF_LINE = (
-    "BUG: mediaproxy/accounting/worker.py _failed() retries the oldest record forever whatever the error, and "
-    "_drain() only ever sends the oldest: one record that a backend refuses for good (PostgreSQL DataError for a "
-    "From tag longer than database.py's String(64) column; pyrad ValueError for a RADIUS string over 253 octets, "
-    "e.g. Sip-User-Agents built from two long User-Agents in radius.py) stops that backend's accounting for good. "
-    "Fix: size the columns for real SIP values (Text, or 255 for the tags) and cut RADIUS strings to 253 octets; "
-    "set aside (e.g. spool .bad, counted in `accounting`) a record that fails with an error that is not "
-    "transient (sqlalchemy DataError/IntegrityError/ProgrammingError, ValueError/TypeError) instead of retrying it")
-
 
 def in_spool(cluster, backend: str, call_id: str) -> bool:
     directory = cluster.runtime_root / "dispatcher" / "accounting" / backend
@@ -45,7 +36,6 @@ def table_call_ids(postgres) -> set:
         return set()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_HEAD_OF_LINE)
 def test_a_record_a_backend_refuses_does_not_hold_up_the_next_ones(cluster, postgres, radius, tmp_path):
     url = postgres.create_database("accounting")
     client_config = radius.client_config(tmp_path / "radius-client")

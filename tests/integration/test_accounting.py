@@ -48,7 +48,7 @@ def test_a_removed_call_is_one_row_with_its_statistics(cluster, tmp_path):
     [stream] = info["streams"]
     assert stream["caller_packets"] > 0 and stream["callee_packets"] > 0
     assert cluster.management_command("accounting") == [json.dumps(
-        {"backend": "database", "queued": 0, "written": 1, "last_error": None})]
+        {"backend": "database", "queued": 0, "written": 1, "set_aside": 0, "last_error": None})]
 
 
 def test_records_of_an_unusable_database_wait_and_survive_a_restart(cluster, tmp_path):

@@ -6,7 +6,6 @@ sockets take it."""
 
 import json
 import socket
-import time
 
 import pytest
 

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy
 
 from tests.integration.conftest import RELAY_A
-from tests.integration.daemons import Call, log_lines
+from tests.integration.daemons import Call
 from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.integration

@@ -94,7 +94,7 @@ def test_records_wait_while_the_backend_is_down_and_go_once_in_order(tmp_path):
     assert backend.written == []
     clock.advance(0.1)
     assert backend.written == [{"n": 1}, {"n": 2}]
-    assert worker.status() == {"backend": "flaky", "queued": 0, "written": 2, "last_error": None}
+    assert worker.status() == {"backend": "flaky", "queued": 0, "written": 2, "set_aside": 0, "last_error": None}
     assert os.listdir(tmp_path) == []
 
 
@@ -106,7 +106,7 @@ def test_records_spooled_before_a_restart_are_written_after_it(tmp_path):
     up = FlakyBackend()
     restarted = worker_for(up, tmp_path, clock)
     restarted.start()
-    restarted.pool.stop()
+    restarted.stop()
     assert up.written == [{"n": n} for n in range(5)]
 
 
@@ -166,18 +166,52 @@ def test_the_radius_attributes_of_a_session():
         "Sip-User-Agents": "PhoneA/1.0 + PhoneB/2.0",
         "Sip-Applications": "Audio, Video",
         "Media-Codecs": "G711a/G711u, H263/H263",
-        "Media-Info": "",
-    }
+    }                                   # an empty Media-Info is left out (RFC 2865)
 
 
 @pytest.mark.parametrize("extra, user, info", [
-    ({"username": None}, "mediaproxy@default", ""),
+    ({"username": None}, "mediaproxy@default", None),
     ({"timed_out": True}, "alice@example.com", "timeout"),
     ({"all_streams_ice": True}, "alice@example.com", "ICE session"),
 ])
 def test_the_default_user_and_the_media_info(extra, user, info):
     attributes = radius_attributes(statistics(**extra))
-    assert (attributes["User-Name"], attributes["Media-Info"]) == (user, info)
+    assert (attributes["User-Name"], attributes.get("Media-Info")) == (user, info)
+
+
+def test_long_strings_are_cut_to_what_an_attribute_holds():
+    attributes = radius_attributes(statistics(caller_ua="A" * 200, callee_ua="B" * 200, from_tag="t" * 300))
+    assert len(attributes["Sip-User-Agents"].encode()) == 253
+    assert attributes["Sip-From-Tag"] == "t" * 253
+
+
+class PickyBackend(FlakyBackend):
+    permanent_errors = (ValueError,)
+
+    def write(self, record):
+        if record.get("bad"):
+            raise ValueError("value too long for type character varying(64)\n[SQL: INSERT ...]")
+        super().write(record)
+
+
+def test_a_record_the_backend_can_never_take_is_set_aside_and_the_others_go_on(tmp_path):
+    clock, backend = Clock(), PickyBackend()
+    worker = worker_for(backend, tmp_path, clock)
+    worker.submit({"n": 1, "bad": True})
+    worker.submit({"n": 2})
+    assert backend.written == [{"n": 2}]
+    assert worker.status()["set_aside"] == 1 and worker.queued == 0
+    [aside] = os.listdir(tmp_path)
+    assert aside.endswith(".json.bad") and json.loads((tmp_path / aside).read_text())["n"] == 1
+
+
+def test_the_last_error_is_one_short_line(tmp_path):
+    class Verbose(FlakyBackend):
+        def write(self, record):
+            raise ConnectionError("could not connect\n" + "detail " * 100)
+    worker = worker_for(Verbose(), tmp_path, Clock())
+    worker.submit({"n": 1})
+    assert worker.status()["last_error"] == "ConnectionError: could not connect"
 
 
 def test_the_radiusclient_files_are_read():
