@@ -282,21 +282,25 @@ class Dispatcher:
                                   for status in getattr(backend, "status", lambda: [])()])
         return defer.succeed(["error"])
 
-    def _ask_all_relays(self, command):
+    @defer.inlineCallbacks
+    def _ask_all_relays(self, command, kind):
+        """(relay, its JSON answer, or None when it failed or is not a `kind`) for every relay."""
         relays = list(self.relays.values())
-        deferreds = [relay.send_command(command) for relay in relays]
-        return defer.DeferredList(deferreds, consumeErrors=True).addCallback(
-            lambda results: list(zip(relays, results)))
+        results = yield defer.DeferredList([relay.send_command(command) for relay in relays], consumeErrors=True)
+        answers = []
+        for relay, (ok, answer) in zip(relays, results):
+            try:
+                value = json.loads(answer) if ok else None
+            except ValueError:
+                value = None
+            answers.append((relay, value if isinstance(value, kind) else None))
+        return answers
 
     @defer.inlineCallbacks
     def _all_sessions(self):
         lines = []
-        for relay, (ok, answer) in (yield self._ask_all_relays("sessions")):
-            try:
-                sessions = json.loads(answer) if ok else None
-            except ValueError:
-                sessions = None
-            if not isinstance(sessions, list):
+        for relay, sessions in (yield self._ask_all_relays("sessions", list)):
+            if sessions is None:
                 log.warning("relay %s did not list its sessions", relay.ip)
                 continue
             lines.extend(json.dumps(session) for session in sessions)
@@ -305,13 +309,7 @@ class Dispatcher:
     @defer.inlineCallbacks
     def _summary(self):
         lines = []
-        for relay, (ok, answer) in (yield self._ask_all_relays("summary")):
-            try:
-                summary = json.loads(answer) if ok else None
-            except ValueError:
-                summary = None
-            if not isinstance(summary, dict):
-                summary = {"ip": relay.ip, "status": "error"}
-            summary["ip"] = relay.ip
-            lines.append(json.dumps(summary))
+        for relay, summary in (yield self._ask_all_relays("summary", dict)):
+            fields = summary or {"status": "error"}
+            lines.append(json.dumps({"ip": relay.ip, **{k: v for k, v in fields.items() if k != "ip"}}))
         return lines
