@@ -196,7 +196,8 @@ class Dispatcher:
         # unreachable now is still matched when the relay reports it later.
         record = self.sessions.get(remove.call_id)
         if record is None:
-            log.warning("remove of unknown session %s", remove.call_id)
+            # often the end of a call whose media had died: it expired, its dialog was ended
+            log.info("remove of session %s, which is not known (or has expired)", remove.call_id)
             return "error"
         relay = self.relays.get(record.relay_ip)
         if relay is None:

@@ -42,5 +42,5 @@ def test_cancel_before_answer(rig):
     assert r.accounted(ringing["call_id"]) == []
     dispatcher_log = r.dispatcher_log()
     assert_no_traceback(dispatcher_log, "the dispatcher")
-    assert f"remove of unknown session {ringing['call_id']}" not in dispatcher_log
+    assert f"remove of session {ringing['call_id']}, which is not known" not in dispatcher_log
     assert_no_traceback(r.relays["relay1"].process.log_text(), "the relay")

@@ -72,7 +72,7 @@ def test_dead_media_in_the_kernel(rig, kernel_tools):
     # conntrack garbage collector reaps it: here 1 to 40 s after its 3 s timeout, at worst 60 s
     # (GC_SCAN_INTERVAL_MAX). Nothing asks the relay for `sessions` meanwhile (a dump of its
     # entries would reap the expired one at once), so the wait allows for that.
-    summary = dead_call_is_ended(r, "conntrack timeout", within=75, kernel=True)
+    summary = dead_call_is_ended(r, "conntrack timeout", within=30, kernel=True)
     assert summary["kernel_entries"] == 0, summary
 
 

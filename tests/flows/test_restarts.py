@@ -74,7 +74,7 @@ def test_dispatcher_restarted_mid_call(rig, forwarding):
     assert record["timed_out"] is False and record["dialog_id"], record
     dispatcher_log = r.dispatcher_log()
     assert_no_traceback(dispatcher_log, "the dispatchers")
-    assert f"remove of unknown session {call_id}" not in dispatcher_log
+    assert f"remove of session {call_id}, which is not known" not in dispatcher_log
     assert "not connected" not in r.dispatcher.process.log_text()
 
     # The callee got media from the relay all through the restart, not just before and after.

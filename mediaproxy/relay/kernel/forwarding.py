@@ -19,6 +19,8 @@ from mediaproxy.relay.userspace import UserspaceForwarding
 
 log = logging.getLogger("mediaproxy.relay")
 
+MIN_REAP_INTERVAL, MAX_REAP_INTERVAL = 1.0, 30.0     # seconds between reads of the table
+
 
 
 @implementer(IReadDescriptor)
@@ -53,8 +55,12 @@ class KernelForwarding(UserspaceForwarding):
         self._kernel_bytes = 0
         self._reader = _EventReader(events, self._destroyed)
         reactor.addReader(self._reader)
+        self._reap_call = None
+        self._schedule_reap()
 
     def stop(self) -> None:
+        if self._reap_call is not None and self._reap_call.active():
+            self._reap_call.cancel()
         self.reactor.removeReader(self._reader)
         self.events.close()
 
@@ -130,12 +136,34 @@ class KernelForwarding(UserspaceForwarding):
                 ended.append(entry)
         if overflowed:
             log.warning("conntrack events were lost (too many at once): reading the table instead")
-            try:
-                for entry in self.table.refresh_counters():
-                    self.table.ended(entry)
-                    ended.append(entry)
-            except (NetlinkError, OSError) as e:
-                log.error("could not read the kernel's conntrack table: %s", e)
+            ended.extend(self._read_table())
+        self._entries_ended(ended)
+
+    def _read_table(self) -> list:
+        """Read our entries (counters too); the ones the kernel no longer has have ended."""
+        try:
+            gone = self.table.refresh_counters()
+        except (NetlinkError, OSError) as e:
+            log.error("could not read the kernel's conntrack table: %s", e)
+            return []
+        for entry in gone:
+            self.table.ended(entry)
+        return list(gone)
+
+    def _reap(self) -> None:
+        """The kernel sends an entry's destroy event only when its garbage collection gets to
+        it, up to a minute after the entry timed out; reading the table removes expired
+        entries at once. So while we have entries, read it a few times per UDP timeout."""
+        self._reap_call = None
+        if len(self.table):
+            self._entries_ended(self._read_table())
+        self._schedule_reap()
+
+    def _schedule_reap(self) -> None:
+        interval = min(max(udp_stream_timeout() / 4, MIN_REAP_INTERVAL), MAX_REAP_INTERVAL)
+        self._reap_call = self.reactor.callLater(interval, self._reap)
+
+    def _entries_ended(self, ended) -> None:
         if not ended:
             return
         timeout_wait = udp_stream_timeout()
