@@ -194,6 +194,7 @@ class RelayConfig:
     keepalive_interval: float = option(parse_positive_number, 10)
     reconnect_delay: float = option(parse_positive_number, 10)
     passport: Optional[dict] = option(parse_passport, None)
+    verify_dispatcher_names: bool = option(parse_boolean, False)
     routable_private_ranges: tuple = option(parse_network_list, ())
     kernel_forwarding: str = option(parse_choice("auto", "yes", "no"), "auto")
     conntrack_mark: int = option(parse_mark, 0x4D50)

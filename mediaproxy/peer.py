@@ -10,7 +10,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 
-from mediaproxy.tls import Credentials, passport_mismatch, subject_text
+from mediaproxy.tls import Credentials, identity_mismatch, passport_mismatch, subject_text
 
 log = logging.getLogger("mediaproxy.tls")
 
@@ -26,6 +26,7 @@ class VerifiedPeerProtocol(Protocol):
     peer_kind = "peer"
     credentials: Credentials = None
     passport = None
+    expected_name = None            # a host name or IP the certificate must be for (service-identity)
     verify_interval = 300
     clock = None
     verified = False
@@ -39,8 +40,10 @@ class VerifiedPeerProtocol(Protocol):
     def handshakeCompleted(self):
         cert = self.transport.getPeerCertificate()
         mismatch = passport_mismatch(cert, self.passport) if cert is not None else "no certificate"
+        if not mismatch and self.expected_name:
+            mismatch = identity_mismatch(self.transport.getHandle(), self.expected_name)
         if mismatch:
-            log.warning("refused %s %s (%s): passport mismatch: %s", self.peer_kind, self.peer_ip,
+            log.warning("refused %s %s (%s): %s", self.peer_kind, self.peer_ip,
                         subject_text(cert) if cert is not None else "-", mismatch)
             self.refused = True
             self.transport.abortConnection()

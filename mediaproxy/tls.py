@@ -170,6 +170,22 @@ def _matches(pattern: str, value: str) -> bool:
     return value == pattern
 
 
+def identity_mismatch(connection, name: str) -> str:
+    """'' when the peer's certificate is for `name` (a host name or an IP, in its subjectAltName)."""
+    from service_identity import VerificationError
+    from service_identity.pyopenssl import verify_hostname, verify_ip_address
+    try:
+        if re.match(r"^[0-9.]+$|:", name):
+            verify_ip_address(connection, name)
+        else:
+            verify_hostname(connection, name)
+    except VerificationError:
+        return "its certificate is not for %s" % name
+    except Exception as e:            # e.g. a certificate without subjectAltName
+        return "its certificate is not for %s (%s)" % (name, e)
+    return ""
+
+
 def passport_mismatch(cert, passport) -> str:
     """'' when the certificate's subject satisfies the passport, else what differs."""
     if not passport:

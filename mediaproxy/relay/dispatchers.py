@@ -92,7 +92,11 @@ class DispatcherLink(VerifiedPeerProtocol):
 
 
 class DispatcherLinkFactory(Factory):
-    def __init__(self, relay, credentials, passport, verify_interval, keepalive_interval, clock):
+    expected_name = None
+
+    def __init__(self, relay, credentials, passport, verify_interval, keepalive_interval, clock,
+                 verify_names=False):
+        self.verify_names = verify_names
         self.relay = relay
         self.credentials = credentials
         self.passport = passport
@@ -100,9 +104,18 @@ class DispatcherLinkFactory(Factory):
         self.keepalive_interval = keepalive_interval
         self.clock = clock
 
+    def named(self, name: str) -> "DispatcherLinkFactory":
+        """The factory for the dispatcher known by `name` (checked against its certificate if asked)."""
+        factory = DispatcherLinkFactory(self.relay, self.credentials, self.passport, self.verify_interval,
+                                        self.keepalive_interval, self.clock, self.verify_names)
+        factory.expected_name = name
+        return factory
+
     def buildProtocol(self, addr):
         link = DispatcherLink(self.relay, self.keepalive_interval)
         link.factory = self
+        if self.verify_names:
+            link.expected_name = self.expected_name
         link.credentials = self.credentials
         link.passport = self.passport
         link.verify_interval = self.verify_interval
@@ -120,9 +133,9 @@ def _is_ip(host: str) -> bool:
 
 @defer.inlineCallbacks
 def resolve_dispatcher(host: str, port, resolver):
-    """The (ip, port) addresses of one configured dispatcher entry."""
+    """{(ip, port): the name the dispatcher there is known by} for one configured entry."""
     if _is_ip(host):
-        return {(host, port or DISPATCHER_PORT)}
+        return {(host, port or DISPATCHER_PORT): host}
     targets = [(host, port or DISPATCHER_PORT)]
     if port is None:
         try:
@@ -134,14 +147,14 @@ def resolve_dispatcher(host: str, port, resolver):
             pass
         except Exception as e:
             log.debug("SRV lookup of %s failed: %s", host, e)
-    addresses = set()
+    addresses = {}
     for name, target_port in targets:
         if _is_ip(name):
-            addresses.add((name, target_port))
+            addresses[(name, target_port)] = name
             continue
         try:
             ip = yield resolver.getHostByName(name)
-            addresses.add((ip, target_port))
+            addresses[(ip, target_port)] = name
         except Exception as e:
             log.warning("cannot resolve dispatcher %s: %s", name, e)
     return addresses
@@ -162,6 +175,7 @@ class DispatcherPool(service.MultiService):
         self.connections = {}         # (ip, port) -> ClientService
         self._resolver = None
         self._refresh_call = None
+        self._known = {}              # configured entry -> {(ip, port): name} last resolved
 
     def startService(self):
         super().startService()
@@ -170,28 +184,39 @@ class DispatcherPool(service.MultiService):
     @defer.inlineCallbacks
     def _refresh(self):
         self._refresh_call = None
-        if self._resolver is None and not all(_is_ip(host) for host, _ in self.entries):
-            self._resolver = client.createResolver(reactor=self.reactor)
-        wanted = set()
-        for host, port in self.entries:
-            wanted |= yield resolve_dispatcher(host, port, self._resolver)
-        if not self.running:
-            return
-        for address in set(self.connections) - wanted:
-            log.info("dispatcher %s:%d is no longer in DNS: disconnecting", *address)
-            connection = self.connections.pop(address)
-            connection.disownServiceParent()
-        for address in wanted - set(self.connections):
-            self._connect(address)
-        self._refresh_call = self.reactor.callLater(self.dns_check_interval, self._refresh)
+        try:
+            if self._resolver is None and not all(_is_ip(host) for host, _ in self.entries):
+                self._resolver = client.createResolver(reactor=self.reactor)
+            for entry in self.entries:
+                found = yield resolve_dispatcher(*entry, self._resolver)
+                if found:
+                    self._known[entry] = found
+                elif entry in self._known:
+                    # a failed look-up is no reason to drop a dispatcher we are talking to
+                    log.warning("dispatcher %s did not resolve: keeping the addresses it had", entry[0])
+            if not self.running:
+                return
+            wanted = {}
+            for addresses in self._known.values():
+                wanted.update(addresses)
+            for address in set(self.connections) - set(wanted):
+                log.info("dispatcher %s:%d is no longer in DNS: disconnecting", *address)
+                self.connections.pop(address).disownServiceParent()
+            for address in set(wanted) - set(self.connections):
+                self._connect(address, wanted[address])
+        except Exception:
+            log.exception("looking up the dispatchers failed")
+        finally:
+            if self.running:
+                self._refresh_call = self.reactor.callLater(self.dns_check_interval, self._refresh)
 
-    def _connect(self, address):
+    def _connect(self, address, name):
         host, port = address
         bind = (self.bind_ip, 0) if self.bind_ip else None
         endpoint = endpoints.SSL4ClientEndpoint(self.reactor, host, port, self.context_factory,
                                                 timeout=10, bindAddress=bind)
         delay = self.reconnect_delay
-        connection = internet.ClientService(endpoint, self.factory, retryPolicy=lambda attempt: delay,
+        connection = internet.ClientService(endpoint, self.factory.named(name), retryPolicy=lambda attempt: delay,
                                             clock=self.reactor)
         connection.setServiceParent(self)
         self.connections[address] = connection

@@ -97,3 +97,16 @@ def test_management_over_tls_requires_a_client_certificate_of_the_ca(cluster, tm
             data = b""
         assert not data.startswith(__version__.encode())
     cluster.assert_alive()
+
+
+def test_a_relay_checking_dispatcher_names_takes_only_a_certificate_for_the_address_it_dials(cluster):
+    # The test PKI's dispatcher certificate names 127.0.0.1 (and localhost) in its subjectAltName.
+    cluster.start_dispatcher()
+    cluster.start_relay(RELAY_A, verify_dispatcher_names="yes")
+    assert [entry["ip"] for entry in cluster.summary()] == [RELAY_A]
+    # A dispatcher whose certificate is for another name is refused by the relay.
+    cluster.certs.replace("dispatcher", san_ips=["192.0.2.1"], san_dns=["elsewhere.example.com"])
+    cluster.restart_dispatcher()
+    relay = cluster.start_relay("127.0.0.5", wait=False, verify_dispatcher_names="yes")
+    relay.wait_for_log(r"refused dispatcher 127\.0\.0\.1 .*its certificate is not for 127\.0\.0\.1", timeout=10)
+    assert "127.0.0.5" not in [entry["ip"] for entry in cluster.summary()]
