@@ -20,6 +20,8 @@ if str(REPO) not in sys.path:
 
 FULL_LIMIT = 600        # seconds: a full run stops by itself after this
 SMOKE_LIMIT = 180
+ACCOUNTING_LIMIT = 240  # seconds for bench.accounting's child (its servers and 1000 records a backend)
+ACCOUNTING_SMOKE_LIMIT = 90
 
 
 class Stopped(BaseException):
@@ -49,6 +51,24 @@ def check_environment() -> list[str]:
     if (os.cpu_count() or 1) < 2:
         problems.append("needs 2 CPUs (sender and receiver pinned apart)")
     return problems
+
+
+def run_accounting(results, smoke: bool) -> None:
+    """bench.accounting (issue 6: records per second each accounting backend writes) in its child
+    process; its figures join the kernel path's in results.numbers (None: not measured, and why)."""
+    from bench import accounting
+
+    try:
+        answer = accounting.run_detailed(smoke=smoke, timeout=ACCOUNTING_SMOKE_LIMIT if smoke else ACCOUNTING_LIMIT)
+    except Exception as exc:        # a timeout, a crash: the kernel path's figures are still written
+        reason = " ".join(str(exc).split())[:300]
+        answer = {"figures": dict.fromkeys(accounting.KEYS), "not_measured": dict.fromkeys(accounting.KEYS, reason),
+                  "records": None}
+        print(f"bench: accounting not measured: {reason}", file=sys.stderr)
+    results.numbers.update(answer["figures"])
+    results.details["accounting"] = {"records": answer["records"], "not_measured": answer["not_measured"]}
+    results.available["accounting"] = None if any(answer["figures"].values()) else "; ".join(
+        sorted(set(answer["not_measured"].values()))) or "not measured"
 
 
 def main(argv=None) -> int:
@@ -93,6 +113,7 @@ def main(argv=None) -> int:
     started = time.time()
     try:
         results = kernel.run(opts, workdir)
+        run_accounting(results, args.smoke)
     except Stopped as exc:
         print(f"bench: {exc}; namespaces and daemons removed; logs in {workdir}", file=sys.stderr)
         return 1

@@ -4,9 +4,9 @@ writes through the dispatcher's own machinery.
     python -m bench.accounting [--records N] [--smoke] [--json]
 
 For each backend — the database backend on SQLite (a file in a temporary
-directory) and on PostgreSQL, and the RADIUS backend — a BackendWorker (the
-durable spool, the backend's thread, the retries: mediaproxy/accounting)
-runs in a Twisted reactor as in the dispatcher. One record is written first
+directory), on PostgreSQL and on MariaDB, and the RADIUS backend — a
+BackendWorker (the durable spool, the backend's thread, the retries:
+mediaproxy/accounting) runs in a Twisted reactor as in the dispatcher. One record is written first
 (the table is created, the connection opened), then N records are submitted
 at once and the clock runs until the worker has written the last one:
 records/s = N / that time. It includes what the dispatcher pays per record
@@ -16,17 +16,21 @@ drain when a worker starts (after an outage or a restart): the backend's
 speed without the spool's fsync per record.
 
 The servers are real and local, started for the run by tests/accounting/
-servers.py (needs root and the Debian packages postgresql and freeradius):
-PostgreSQL with its defaults (fsync on) on 127.0.0.1, FreeRADIUS logging
-every request to a detail file (the detail file is checked to hold all the
-requests). The records are statistics of one-stream audio sessions.
+servers.py (needs root and the Debian packages postgresql, mariadb-server
+and freeradius): PostgreSQL with its defaults (fsync on) on 127.0.0.1,
+MariaDB likewise durable (a log flush per commit, utf8mb4) through PyMySQL
+(``mysql+pymysql://``), FreeRADIUS logging every request to a detail file
+(the detail file is checked to hold all the requests). The records are
+statistics of one-stream audio sessions.
 
-Figures (a dict, printed as JSON with --json): accounting_records_per_s_
-database_sqlite, _database_postgresql, _radius; None for a backend that
-could not be measured (the reason goes to stderr).
+Figures: accounting_records_per_s_database_sqlite, _database_postgresql,
+_database_mariadb, _radius; None for a backend that could not be measured
+(the reason goes to stderr). With --json, one line: {"figures": {...},
+"not_measured": {key: reason}, "records": N}.
 
 `run()` measures in a child process (a Twisted reactor runs once per
-process) and returns the dict: what the bench suite calls.
+process) and returns the figures; `run_detailed()` returns that JSON line's
+dict: what the bench suite (bench/__main__.py) calls.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 KEYS = ("accounting_records_per_s_database_sqlite", "accounting_records_per_s_database_postgresql",
-        "accounting_records_per_s_radius")
+        "accounting_records_per_s_database_mariadb", "accounting_records_per_s_radius")
 RECORDS = 1000
 SMOKE_RECORDS = 100
 BACKEND_TIMEOUT = 180.0          # s for one backend's N records before it counts as failed
@@ -129,16 +133,25 @@ def measure(reactor, backend, spool_dir: str, records: int):
     return run()
 
 
-def measure_all(records: int, workdir: Path) -> dict:
-    """Start the servers, measure each backend in one reactor run, stop the servers."""
+def measure_all(records: int, workdir: Path, reasons: dict | None = None) -> dict:
+    """Start the servers, measure each backend in one reactor run, stop the servers.
+    Why a figure is None goes to stderr and into `reasons` (key -> one line)."""
     from twisted.internet import defer, reactor
 
     from mediaproxy.accounting.database import DatabaseBackend
     from mediaproxy.accounting.radius import RadiusBackend
-    from tests.accounting.servers import OUR_DICTIONARY, PostgresServer, RadiusServer, missing_requirements
+    from tests.accounting.servers import (OUR_DICTIONARY, MariaDBServer, PostgresServer, RadiusServer,
+                                          mariadb_missing_requirements, missing_requirements)
     from tests.support.processes import ProcessManager
 
     figures = dict.fromkeys(KEYS)
+    reasons = {} if reasons is None else reasons
+
+    def not_measured(keys, reason):
+        for key in keys:
+            reasons[key] = reason
+        log("%s: not measured: %s" % (", ".join(keys), reason))
+
     manager = ProcessManager(workdir / "logs")
     servers = []
     problems = missing_requirements()
@@ -151,7 +164,8 @@ def measure_all(records: int, workdir: Path) -> dict:
                  lambda: database("sqlite:///%s" % (workdir / "accounting.sqlite")))]
     postgres = radius = None
     if problems:
-        log("no PostgreSQL / FreeRADIUS figures: " + "; ".join(problems))
+        not_measured(["accounting_records_per_s_database_postgresql", "accounting_records_per_s_radius"],
+                     "; ".join(problems))
     else:
         def start_postgres():
             nonlocal postgres
@@ -160,6 +174,19 @@ def measure_all(records: int, workdir: Path) -> dict:
             postgres.start()
             return database(postgres.create_database("accounting"))
 
+        backends.append(("accounting_records_per_s_database_postgresql", start_postgres))
+    mariadb_problems = mariadb_missing_requirements()
+    if mariadb_problems:
+        not_measured(["accounting_records_per_s_database_mariadb"], "; ".join(mariadb_problems))
+    else:
+        def start_mariadb():
+            mariadb = MariaDBServer(manager, durable=True)
+            servers.append(mariadb)
+            mariadb.start()
+            return database(mariadb.create_database("accounting"))
+
+        backends.append(("accounting_records_per_s_database_mariadb", start_mariadb))
+    if not problems:
         def start_radius():
             nonlocal radius
             radius = RadiusServer(manager)
@@ -169,8 +196,7 @@ def measure_all(records: int, workdir: Path) -> dict:
             return RadiusBackend(SimpleNamespace(config_file=str(config), additional_dictionary=str(OUR_DICTIONARY)),
                                  str(REPO))
 
-        backends += [("accounting_records_per_s_database_postgresql", start_postgres),
-                     ("accounting_records_per_s_radius", start_radius)]
+        backends.append(("accounting_records_per_s_radius", start_radius))
 
     @defer.inlineCallbacks
     def run_all():
@@ -180,7 +206,7 @@ def measure_all(records: int, workdir: Path) -> dict:
                     backend = make()
                     rate, backlog_rate = yield measure(reactor, backend, str(workdir / "spool" / key), records)
                 except Exception as e:          # one backend's failure leaves the others' figures
-                    log("%s: not measured: %s: %s" % (key, type(e).__name__, e))
+                    not_measured([key], "%s: %s" % (type(e).__name__, " ".join(str(e).split())[:300]))
                     continue
                 figures[key] = round(rate, 1)
                 log("%s = %.1f (%d records submitted at once; a backlog of %d in the spool drains at %.1f/s)"
@@ -194,8 +220,9 @@ def measure_all(records: int, workdir: Path) -> dict:
         if radius is not None and figures["accounting_records_per_s_radius"] is not None:
             logged = len(radius.entries())
             if logged != 2 * records + 1:
-                log("FreeRADIUS logged %d requests, not %d: no RADIUS figure" % (logged, 2 * records + 1))
                 figures["accounting_records_per_s_radius"] = None
+                not_measured(["accounting_records_per_s_radius"],
+                             "FreeRADIUS logged %d requests, not %d" % (logged, 2 * records + 1))
     finally:
         for server in servers:
             server.close()
@@ -203,16 +230,32 @@ def measure_all(records: int, workdir: Path) -> dict:
     return figures
 
 
-def run(records: int = RECORDS, smoke: bool = False, timeout: float = 600.0) -> dict:
-    """The figures, measured by `python -m bench.accounting --json` in a child process."""
+def run_detailed(records: int = RECORDS, smoke: bool = False, timeout: float = 600.0) -> dict:
+    """{"figures", "not_measured", "records"}, measured by `python -m bench.accounting --json`
+    in a child process (its stderr goes to ours). Raises when the child printed no result."""
     command = [sys.executable, "-m", "bench.accounting", "--json", "--records",
                str(SMOKE_RECORDS if smoke else records)]
-    result = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, timeout=timeout, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    # The child's temporary directories (its own, the servers') go under one of ours: removed
+    # here even when the child is killed at the timeout (its servers die with it: death signal).
+    scratch = tempfile.mkdtemp(prefix="mp-bench-accounting-")
+    os.chmod(scratch, 0o755)                # the postgres and mysql users enter the servers' directories
+    try:
+        result = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, timeout=timeout, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": scratch})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     lines = result.stdout.decode().strip().splitlines()
-    if result.returncode != 0 or not lines:
-        raise RuntimeError("bench.accounting failed (exit %d)" % result.returncode)
-    return json.loads(lines[-1])
+    try:
+        answer = json.loads(lines[-1])
+        answer["figures"] = {key: answer["figures"].get(key) for key in KEYS}
+    except (IndexError, ValueError, KeyError, TypeError, AttributeError):
+        raise RuntimeError("bench.accounting failed (exit %d, no result)" % result.returncode) from None
+    return answer
+
+
+def run(records: int = RECORDS, smoke: bool = False, timeout: float = 600.0) -> dict:
+    """The figures (key -> records/s or None), measured in a child process."""
+    return run_detailed(records, smoke, timeout)["figures"]
 
 
 def main(argv=None) -> int:
@@ -223,12 +266,13 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     records = SMOKE_RECORDS if options.smoke else options.records
     workdir = Path(tempfile.mkdtemp(prefix="mp-bench-accounting-"))
+    reasons = {}
     try:
-        figures = measure_all(records, workdir)
+        figures = measure_all(records, workdir, reasons)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if options.json:
-        print(json.dumps(figures))
+        print(json.dumps({"figures": figures, "not_measured": reasons, "records": records}))
     else:
         for key in KEYS:
             value = figures[key]

@@ -220,10 +220,47 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
                                  f"{_fmt(r1, 3) if r1 else ''} | {_fmt(r2, 3) if r2 else ''} | "
                                  f"{_fmt(share, 2) if share is not None else ''} |")
     lines.append("")
+    lines += accounting_lines(results)
     lines += ["## How it is measured", "", HOW, ""]
     if results.notes:
         lines += ["## Notes from this run", ""] + [f"- {note}" for note in results.notes] + [""]
     return "\n".join(lines)
+
+
+ACCOUNTING = (
+    ("accounting_records_per_s_database_sqlite", "database backend, SQLite (a file)"),
+    ("accounting_records_per_s_database_postgresql", "database backend, PostgreSQL (fsync on)"),
+    ("accounting_records_per_s_database_mariadb", "database backend, MariaDB (PyMySQL, a log flush per commit)"),
+    ("accounting_records_per_s_radius", "RADIUS backend, FreeRADIUS (detail file)"),
+)
+
+
+def accounting_lines(results) -> list[str]:
+    """The accounting section: records per second each backend writes (bench/accounting.py)."""
+    n = results.numbers
+    details = results.details.get("accounting")
+    if details is None:
+        return []
+    records = details.get("records")
+    not_measured = details.get("not_measured") or {}
+    lines = ["## Accounting (issue 6; issue 8)", "",
+             "Records per second each accounting backend writes through the dispatcher's own machinery "
+             "(`python -m bench.accounting`): a BackendWorker (the durable spool with its fsync per record, the "
+             "backend's thread) in a Twisted reactor; %s records submitted at once, the clock runs until the last "
+             "one is written. The servers are real and local (tests/accounting/servers.py), with durable "
+             "settings. No reference and no target: issue 6 asks for the figures only." % (
+                 f"{records:,}" if records else "N"), "",
+             "| Figure | Value | Reference | Ratio | Target | |",
+             "|---|---|---|---|---|---|"]
+    for key, title in ACCOUNTING:
+        value = n.get(key)
+        if value is None:
+            shown = "not measured" + (f" ({not_measured[key]})" if not_measured.get(key) else "")
+        else:
+            shown = f"{_fmt(value, 1)} records/s"
+        lines.append(f"| {title} (`{key}`) | {shown} | none | | none | |")
+    lines.append("")
+    return lines
 
 
 HOW = """\

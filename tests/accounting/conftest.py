@@ -5,16 +5,19 @@ FreeRADIUS from Debian's packages, started per test on free loopback ports
 
 Fixtures: ``postgres`` (a running PostgreSQL; a copy of one cluster made per
 session by initdb), ``radius`` (a running FreeRADIUS whose detail file
-receives the accounting requests), ``cluster`` (an empty Cluster). They need
-root and the packages postgresql and freeradius (requirements-apt.txt); the
-tests are skipped, saying why, where those are missing.
+receives the accounting requests), ``mariadb`` (a running MariaDB, its own
+data directory per test), ``cluster`` (an empty Cluster). They need root and
+the packages postgresql, freeradius and mariadb-server (requirements-apt.txt);
+the tests are skipped, saying why, where those are missing (MariaDB's on
+their own: without it PostgreSQL's and FreeRADIUS' tests still run).
 """
 
 import shutil
 
 import pytest
 
-from tests.accounting.servers import PostgresServer, RadiusServer, missing_requirements
+from tests.accounting.servers import (MariaDBServer, PostgresServer, RadiusServer, mariadb_missing_requirements,
+                                      missing_requirements)
 from tests.integration.daemons import Cluster
 from tests.support.processes import processes, pytest_runtest_makereport  # noqa: F401
 
@@ -49,6 +52,24 @@ def postgres(processes, postgres_template):  # noqa: F811
 @pytest.fixture
 def radius(processes, servers_available):  # noqa: F811
     server = RadiusServer(processes)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def mariadb_available():
+    problems = mariadb_missing_requirements()
+    if problems:
+        pytest.skip("MariaDB unavailable: " + "; ".join(problems))
+
+
+@pytest.fixture
+def mariadb(processes, mariadb_available):  # noqa: F811
+    # not durable: the tests never crash it
+    server = MariaDBServer(processes, durable=False)
     try:
         server.start()
         yield server

@@ -22,6 +22,13 @@ touch the distribution's own cluster, configuration or services.
   (acctserver, servers, dictionary, radius_timeout, radius_retries),
   its servers file and a dictionary that includes FreeRADIUS' RFC 2865/2866
   dictionaries. ``entries()`` parses the detail file.
+- ``MariaDBServer``: ``mariadb-install-db`` of a throwaway data directory,
+  ``mariadbd --no-defaults`` (so /etc/mysql is not read; utf8mb4 as Debian's
+  packaged configuration has it) dropping to the ``mysql`` user, on
+  127.0.0.1 and a socket in its directory; a password user made by an
+  ``--init-file`` at every start. Its own ``mariadb_missing_requirements()``
+  (package ``mariadb-server``, PyMySQL), so that PostgreSQL's and FreeRADIUS'
+  tests do not depend on it.
 """
 
 from __future__ import annotations
@@ -409,3 +416,152 @@ def parse_detail(text: str) -> list[dict]:
                 entry[name] = parsed
         entries.append(entry)
     return entries
+
+
+# -- MariaDB --
+
+
+def mariadb_server() -> str | None:
+    """mariadbd (Debian: /usr/sbin, not always on root's PATH), or None."""
+    search = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin"
+    return shutil.which("mariadbd", path=search) or shutil.which("mysqld", path=search)
+
+
+def mariadb_missing_requirements() -> list[str]:
+    """Why MariaDBServer cannot run here (empty when it can)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not root (mariadbd drops to the mysql user, its files are chowned to it)")
+    if mariadb_server() is None or shutil.which("mariadb-install-db") is None:
+        problems.append("no MariaDB server (apt package mariadb-server)")
+    try:
+        pwd.getpwnam("mysql")
+    except KeyError:
+        problems.append("no mysql user (apt package mariadb-server)")
+    try:
+        import pymysql  # noqa: F401
+    except ImportError:
+        problems.append("no PyMySQL (pip install -e '.[test]')")
+    for tool in ("setpriv", "unshare"):
+        if shutil.which(tool) is None:
+            problems.append("missing tool: %s (apt package util-linux)" % tool)
+    return problems
+
+
+class MariaDBServer:
+    """A throwaway MariaDB server on 127.0.0.1:port (``durable=False``: commits are not
+    flushed to disk one by one, for tests that never crash it)."""
+
+    USER = "mediaproxy"
+    PASSWORD = "mp-accounting-secret"
+    # small: a data directory of ~25 MB, seconds to make
+    SIZES = ("--innodb-buffer-pool-size=32M", "--innodb-log-file-size=8M")
+
+    def __init__(self, manager: ProcessManager, durable: bool = True, name: str = "mariadb"):
+        self.manager = manager
+        self.name = name
+        self.durable = durable
+        self.server = mariadb_server()
+        # Under /tmp, owned by mysql: mariadbd runs as that user.
+        self.directory = Path(tempfile.mkdtemp(prefix="mp-acct-mariadb-"))
+        try:
+            os.chmod(self.directory, 0o755)
+            self.data = self.directory / "data"
+            self.socket = self.directory / "mariadbd.sock"
+            self.init_file = self.directory / "init.sql"
+            self.init_file.write_text(
+                "CREATE USER IF NOT EXISTS '{user}'@'127.0.0.1' IDENTIFIED BY '{password}';\n"
+                "GRANT ALL PRIVILEGES ON *.* TO '{user}'@'127.0.0.1';\n".format(user=self.USER,
+                                                                              password=self.PASSWORD))
+            _chown_tree(self.directory, "mysql")
+            os.chmod(self.init_file, 0o600)
+            self.install_db()
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+        self.port = free_port()
+        self.process: Process | None = None
+
+    def install_db(self) -> None:
+        """The system tables in a new data directory (root only by the socket, as Debian does)."""
+        try:
+            subprocess.run(["mariadb-install-db", "--no-defaults", "--datadir=%s" % self.data, "--user=mysql",
+                            "--auth-root-authentication-method=socket", "--skip-test-db",
+                            "--skip-name-resolve", *self.SIZES],
+                           check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,
+                           stdin=subprocess.DEVNULL, cwd=self.directory, env=self._environment())
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError("mariadb-install-db failed:\n%s" % e.stdout.decode(errors="replace")) from None
+
+    def start(self) -> None:
+        assert self.process is None or not self.process.running, "already running"
+        argv = [self.server, "--no-defaults", "--user=mysql", "--datadir=%s" % self.data,
+                "--socket=%s" % self.socket, "--pid-file=%s" % (self.directory / "mariadbd.pid"),
+                "--tmpdir=%s" % self.directory, "--bind-address=127.0.0.1", "--port=%d" % self.port,
+                "--skip-name-resolve",
+                "--init-file=%s" % self.init_file, "--max-connections=50",
+                # Debian's packaged configuration (/etc/mysql/mariadb.conf.d/50-server.cnf)
+                "--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci", *self.SIZES]
+        if not self.durable:
+            argv += ["--innodb-flush-log-at-trx-commit=2", "--innodb-doublewrite=0"]
+        self.process = self.manager.start(self.name, argv, cwd=self.directory, env=self._environment())
+        wait_for(self._ready, timeout=START_TIMEOUT, interval=0.1, message="MariaDB on port %d" % self.port)
+
+    def _environment(self) -> dict:
+        # mariadbd makes its temporary files in TMPDIR as the mysql user: ours may not be writable to it
+        return {**os.environ, "TMPDIR": str(self.directory)}
+
+    def _ready(self) -> bool:
+        import pymysql
+        self.process.assert_running()
+        try:
+            self.connect().close()          # the password user exists: the init file ran
+        except pymysql.err.OperationalError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """A normal shutdown (SIGTERM to mariadbd alone, not to its namespace's init)."""
+        if self.process is not None and self.process.running:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except AssertionError:
+                pass                       # stop() below kills what is left
+        if self.process is not None:
+            self.process.stop(timeout=5)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    def url(self, database: str = "mysql", driver: str = "pymysql") -> str:
+        """The SQLAlchemy URL (``mysql+pymysql://``; plain ``mysql://`` means mysqlclient)."""
+        return "mysql+%s://%s:%s@127.0.0.1:%d/%s" % (driver, self.USER, self.PASSWORD, self.port, database)
+
+    def connect(self, database: str | None = None):
+        import pymysql
+        return pymysql.connect(host="127.0.0.1", port=self.port, user=self.USER, password=self.PASSWORD,
+                               database=database, autocommit=True, connect_timeout=10, charset="utf8mb4")
+
+    def create_database(self, database: str) -> str:
+        connection = self.connect()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("CREATE DATABASE `%s`" % database)
+        finally:
+            connection.close()
+        return self.url(database)
+
+    def query(self, database: str, sql: str, *parameters) -> list[tuple]:
+        connection = self.connect(database)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, parameters or None)
+                return list(cursor.fetchall())
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
