@@ -8,11 +8,17 @@ import logging
 
 import sqlalchemy
 from sqlalchemy import Column, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 
 CONNECT_TIMEOUT = 10        # seconds: a server that does not answer is an error, not a hang
 
 log = logging.getLogger("mediaproxy.accounting")
+
+
+def _have_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
 
 
 class DatabaseBackend:
@@ -27,6 +33,8 @@ class DatabaseBackend:
         try:
             # Checks the URL and that its driver is installed; connects only when used.
             url = sqlalchemy.engine.make_url(config.dburi)
+            if url.drivername in ("mysql", "mariadb") and not _have_module("MySQLdb"):
+                url = url.set(drivername=url.drivername + "+pymysql")     # the driver we install
             connect_args = {"connect_timeout": CONNECT_TIMEOUT} if url.get_backend_name() in (
                 "postgresql", "mysql", "mariadb") else {}
             self.engine = sqlalchemy.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
@@ -37,7 +45,9 @@ class DatabaseBackend:
                            Column(config.callid_column, String(255), nullable=False),
                            Column(config.fromtag_column, String(255), nullable=False),
                            Column(config.totag_column, String(255), nullable=False),
-                           Column(config.info_column, Text),
+                           # MySQL's TEXT stops at 64 KB: a call with many streams goes over
+                           Column(config.info_column, Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
+                                  .with_variant(mysql.MEDIUMTEXT(), "mariadb")),
                            UniqueConstraint(config.callid_column, config.fromtag_column, config.totag_column,
                                             name="%s_session" % config.sessions_table))
         self.metadata = metadata
