@@ -568,9 +568,8 @@ def derive(opts: Options, results: Results) -> None:
         results.notes.append(
             f"Entries: the relay's ConntrackTable.install makes {api:,.0f} entries/s (batches of "
             f"{numbers.get('entries_api_batch')}), bare netlink batches of the same entries {bare:,.0f}/s: of "
-            f"{1e6 / api:,.0f} us an entry, {1e6 / api - 1e6 / bare:,.0f} us are spent outside netlink (the "
-            f"NOTRACK inhibitor rules, two a stream, added and removed through python-iptables, and the "
-            f"bookkeeping).")
+            f"{1e6 / api:,.0f} us an entry, {1e6 / api - 1e6 / bare:,.0f} us are spent on the rest of a hand-over "
+            f"(deleting the user-space entries, the inhibitor set's members, encoding and bookkeeping).")
         smaller = [v for k, v in numbers.items() if k.startswith("entries_installed_per_s_batch_")]
         if smaller and min(smaller) >= 0.5 * api:
             results.notes[-1] += (" Smaller batches make about as many a second (down to "

@@ -307,6 +307,7 @@ wall time of that blast.
 
 Entries per second: the conntrack CLI one process per entry (timed inside
 the namespace), and the relay's `ConntrackTable.install` / `remove_port`
-driven directly (`bench/entries.py`) with real latched streams: one batch
-= one commit of NOTRACK inhibitors, one netlink batch, one commit removing
-them."""
+driven directly (`bench/entries.py`) with real latched streams, starting
+from the user-space entries a real hand-over replaces: one batch is one
+netlink batch (the flows join the NOTRACK inhibitor set, the old entries
+are deleted, the NAT entries created, the flows leave the set)."""
