@@ -82,14 +82,12 @@ def write_config(directory: Path, sections: Mapping[str, Mapping[str, object]]) 
 # -- the proxy module's socket --
 
 
-class ProxyClient:
-    """What Kamailio's mediaproxy module does: one connection, many requests,
-    exactly one ``\\r\\n``-ended reply line per request."""
+class LineClient:
+    """A connected stream socket with a read buffer, usable in a `with`."""
 
-    def __init__(self, path: str | Path, timeout: float = REPLY_TIMEOUT):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock = sock
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
         self.timeout = timeout
         self._buffer = b""
 
@@ -104,6 +102,17 @@ class ProxyClient:
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+
+class ProxyClient(LineClient):
+    """What Kamailio's mediaproxy module does: one connection, many requests,
+    exactly one ``\\r\\n``-ended reply line per request."""
+
+    def __init__(self, path: str | Path, timeout: float = REPLY_TIMEOUT):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        super().__init__(sock, timeout)
 
     def read_line(self, timeout: float | None = None) -> str:
         """The next reply line, without its ``\\r\\n``; fails if none comes in time."""
@@ -169,28 +178,13 @@ def parse_address_reply(reply: str, streams: int = 1) -> tuple[str, list[int]]:
 # -- the management interface --
 
 
-class ManagementClient:
+class ManagementClient(LineClient):
     """The telnet-style management port: a command line, answer lines, an empty line."""
 
     def __init__(self, address: tuple[str, int], tls_context: ssl.SSLContext | None = None,
                  timeout: float = REPLY_TIMEOUT):
         raw = socket.create_connection(address, timeout=timeout)
-        self.sock = tls_context.wrap_socket(raw) if tls_context is not None else raw
-        self.sock.settimeout(timeout)
-        self.timeout = timeout
-        self._buffer = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        super().__init__(tls_context.wrap_socket(raw) if tls_context is not None else raw, timeout)
 
     def recv(self) -> bytes:
         return self.sock.recv(65536)
