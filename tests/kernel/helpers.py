@@ -437,3 +437,24 @@ def sent_counters(caller: MediaParty, callee: MediaParty) -> dict[str, int]:
         "caller_bytes": caller.sent_bytes,
         "callee_bytes": callee.sent_bytes,
     }
+
+
+def wait_kernel_entries(rig, count):
+    """Wait until the relay's summary says ``count`` sub-streams are in the kernel."""
+    return wait_for(
+        lambda: (summary := rig.summary())["kernel_entries"] == count and summary,
+        timeout=5,
+        interval=0.1,
+        message=f"the relay to report {count} kernel entries",
+    )
+
+
+def kernel_call(rig, call_id: str, payload_type: int = 0, packets: int = 100, port_offset: int = 0):
+    """A call whose parties sent ``packets`` each, so that its RTP and RTCP are in the kernel:
+    (caller, callee, call)."""
+    caller = rig.party("caller", CALLER_PORT + port_offset, payload_type=payload_type)
+    callee = rig.party("callee", CALLEE_PORT + port_offset, payload_type=payload_type)
+    call = Call(rig.proxy(), call_id, caller, callee)
+    pump(caller, callee, call, packets=packets)
+    wait_kernel_entries(rig, 2)
+    return caller, callee, call

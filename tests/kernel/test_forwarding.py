@@ -14,6 +14,8 @@ import pytest
 
 from tests.integration.daemons import parse_address_reply
 from tests.kernel.helpers import (
+    kernel_call,
+    wait_kernel_entries,
     CALLEE_PORT,
     CALLER_PORT,
     MARK,
@@ -31,16 +33,6 @@ from tests.kernel.helpers import (
 from tests.support.processes import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
-
-
-def wait_kernel_entries(rig, count):
-    """Wait until the relay's summary says ``count`` sub-streams are in the kernel."""
-    return wait_for(
-        lambda: (summary := rig.summary())["kernel_entries"] == count and summary,
-        timeout=5,
-        interval=0.1,
-        message=f"the relay to report {count} kernel entries",
-    )
 
 
 def assert_heard_only_from_the_relay(party, relay_port, relay_ip):
@@ -113,11 +105,7 @@ def test_the_kernel_relays_a_running_call_and_counts_every_packet(make_rig):
 def test_remove_leaves_no_entry_and_no_rule_and_reports_the_full_counts(make_rig):
     rig = make_rig()
     rig.start_relay()
-    caller = rig.party("caller", CALLER_PORT, payload_type=8)
-    callee = rig.party("callee", CALLEE_PORT, payload_type=8)
-    call = Call(rig.proxy(), "removed-call", caller, callee)
-    pump(caller, callee, call, packets=150)
-    wait_kernel_entries(rig, 2)
+    caller, callee, call = kernel_call(rig, "removed-call", payload_type=8, packets=150)
     pump(caller, callee, call, packets=50)
     assert len(rig.entries()) == 2
 

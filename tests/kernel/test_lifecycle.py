@@ -20,6 +20,8 @@ import time
 import pytest
 
 from tests.kernel.helpers import (
+    kernel_call,
+    wait_kernel_entries,
     CALLEE_PORT,
     CALLER_PORT,
     MARK,
@@ -31,7 +33,6 @@ from tests.kernel.helpers import (
     sent_counters,
     stream_counters,
 )
-from tests.kernel.test_forwarding import wait_kernel_entries
 from tests.support.processes import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(90)]
@@ -48,11 +49,7 @@ def test_a_stream_without_traffic_ends_as_conntrack_timeout(make_rig):
     timeout = rig.topo.run(RELAY_HOST, ["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout_stream"]).stdout
     assert timeout.strip() == "3"
     rig.start_relay()
-    caller = rig.party("caller", CALLER_PORT, payload_type=0)
-    callee = rig.party("callee", CALLEE_PORT, payload_type=0)
-    call = Call(rig.proxy(), "silent-call", caller, callee)
-    pump(caller, callee, call, packets=100)
-    wait_kernel_entries(rig, 2)
+    caller, callee, call = kernel_call(rig, "silent-call")
 
     # The parties stop sending: the entries die, the stream and the session end.
     expired = re.compile(rf"session silent-call expired on relay {re.escape(rig.relay_ip)}")
@@ -113,11 +110,7 @@ def test_a_call_on_hold_outlives_its_entry(make_rig):
 def test_rtcp_that_pauses_longer_than_the_timeout_returns_to_the_kernel(make_rig):
     rig = make_rig(sysctls={RELAY_HOST: SHORT_UDP_TIMEOUTS})
     rig.start_relay()
-    caller = rig.party("caller", CALLER_PORT, payload_type=0)
-    callee = rig.party("callee", CALLEE_PORT, payload_type=0)
-    call = Call(rig.proxy(), "quiet-rtcp", caller, callee)
-    pump(caller, callee, call, packets=50)
-    wait_kernel_entries(rig, 2)
+    caller, callee, call = kernel_call(rig, "quiet-rtcp", packets=50)
 
     # RTP goes on; RTCP stops for longer than the UDP timeout (3 s): its entry dies, the stream lives.
     pump(caller, callee, call, packets=400, rate=100, rtcp_every=None)
@@ -147,11 +140,7 @@ def add_stale_inhibitor(rig) -> str:
 def test_a_relay_killed_mid_call_leaves_nothing_after_its_restart(make_rig):
     rig = make_rig()
     rig.start_relay()
-    caller = rig.party("caller", CALLER_PORT, payload_type=0)
-    callee = rig.party("callee", CALLEE_PORT, payload_type=0)
-    call = Call(rig.proxy(), "orphaned-call", caller, callee)
-    pump(caller, callee, call, packets=100)
-    wait_kernel_entries(rig, 2)
+    caller, callee, call = kernel_call(rig, "orphaned-call")
     add_stale_inhibitor(rig)
 
     rig.relay.process.stop(signum=signal.SIGKILL)
@@ -174,11 +163,7 @@ def test_a_relay_killed_mid_call_leaves_nothing_after_its_restart(make_rig):
     assert all(session["call_id"] != "orphaned-call" for session in rig.sessions())
 
     # A new call is relayed by the kernel again.
-    caller = rig.party("caller", CALLER_PORT + 10, payload_type=8)
-    callee = rig.party("callee", CALLEE_PORT + 10, payload_type=8)
-    call = Call(rig.proxy(), "next-call", caller, callee)
-    pump(caller, callee, call, packets=100)
-    wait_kernel_entries(rig, 2)
+    caller, callee, call = kernel_call(rig, "next-call", payload_type=8, port_offset=10)
     assert {entry.orig for entry in rig.entries()} == {orig for orig, _ in call.expected_entries().values()}
     before = rig.summary()["userspace_packets"]
     heard = callee.received_count(RTP)
@@ -193,11 +178,7 @@ def test_a_relay_killed_mid_call_leaves_nothing_after_its_restart(make_rig):
 def test_a_relay_stopped_mid_call_removes_its_entries(make_rig):
     rig = make_rig()
     rig.start_relay()
-    caller = rig.party("caller", CALLER_PORT, payload_type=0)
-    callee = rig.party("callee", CALLEE_PORT, payload_type=0)
-    call = Call(rig.proxy(), "interrupted-call", caller, callee)
-    pump(caller, callee, call, packets=100)
-    wait_kernel_entries(rig, 2)
+    caller, callee, call = kernel_call(rig, "interrupted-call")
 
     assert rig.relay.process.stop() == 0  # SIGTERM
     assert "media-relay stopped" in rig.relay.process.log_text()
