@@ -18,7 +18,7 @@ import pytest
 
 from tests.accounting.servers import (MariaDBServer, PostgresServer, RadiusServer, mariadb_missing_requirements,
                                       missing_requirements)
-from tests.integration.daemons import Cluster
+from tests.integration.conftest import cluster  # noqa: F401  (the real dispatcher and relays)
 from tests.support.processes import processes, pytest_runtest_makereport  # noqa: F401
 
 
@@ -77,10 +77,3 @@ def mariadb(processes, mariadb_available):  # noqa: F811
         server.close()
 
 
-@pytest.fixture
-def cluster(processes, tmp_path):  # noqa: F811
-    cluster = Cluster(tmp_path, processes)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
