@@ -19,11 +19,11 @@ setup(
     install_requires=[
         "twisted>=22.4",
         "pyopenssl>=23.0",
-        "service-identity>=21.1",
+        "service-identity>=18.1",
         "python-iptables>=1.0",
         "pyroute2>=0.7",
         "sqlalchemy>=1.4",
-        "pyrad>=2.4",
+        "pyrad>=2.1",
     ],
     extras_require={
         # database drivers for [Database] dburi URLs (SQLAlchemy picks them by URL)

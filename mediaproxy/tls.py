@@ -11,6 +11,7 @@ import re
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+import OpenSSL
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
@@ -20,6 +21,17 @@ log = logging.getLogger("mediaproxy.tls")
 
 class TLSError(Exception):
     """The TLS files cannot be used; the daemon does not start."""
+
+
+_OPENSSL_VERSION = tuple(int(part) for part in OpenSSL.__version__.split(".")[:2])
+
+
+def add_crl(store, crl) -> None:
+    """Add a cryptography CRL to a pyOpenSSL store; pyOpenSSL before 23.1
+    (Debian 12 ships 23.0) takes only its own CRL type."""
+    if _OPENSSL_VERSION < (23, 1):
+        crl = crypto.CRL.from_cryptography(crl)
+    store.add_crl(crl)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -123,7 +135,7 @@ class Credentials:
         context.load_verify_locations(self.ca_path)
         store = context.get_cert_store()
         if crl is not None:
-            store.add_crl(crl)
+            add_crl(store, crl)
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda conn, cert, errno, depth, ok: ok)
         context.set_session_id(b"mediaproxy")
