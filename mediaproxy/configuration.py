@@ -159,6 +159,10 @@ def parse_text(value: str) -> str:
     return value.strip()
 
 
+def parse_optional_text(value: str) -> Optional[str]:
+    return value.strip() or None
+
+
 def option(parser, default):
     """A dataclass field default that remembers how the option is parsed."""
     from dataclasses import field
@@ -168,6 +172,7 @@ def option(parser, default):
 @dataclass(frozen=True)
 class DispatcherConfig:
     socket_path: str = option(parse_text, "dispatcher.sock")
+    socket_group: Optional[str] = option(parse_optional_text, None)
     listen: tuple = option(parse_listen_address(25060), ("0.0.0.0", 25060))
     listen_management: tuple = option(parse_listen_address(25061), ("0.0.0.0", 25061))
     management_use_tls: bool = option(parse_boolean, True)
@@ -244,12 +249,17 @@ class Configuration:
     opensips: OpenSIPSConfig
     database: DatabaseConfig
     radius: RadiusConfig
+    spool_dir: Optional[str] = None
 
     def config_path(self, path: str) -> str:
         return os.path.join(self.config_dir, os.path.expanduser(path))
 
     def runtime_path(self, path: str) -> str:
         return os.path.join(self.runtime_dir, os.path.expanduser(path))
+
+    def spool_path(self, name: str) -> str:
+        """Where the records for the accounting back-end ``name`` wait."""
+        return os.path.join(self.spool_dir or os.path.join(self.runtime_dir, "accounting"), name)
 
 
 def _section(parser: configparser.ConfigParser, name: str, cls):
@@ -268,7 +278,8 @@ def _section(parser: configparser.ConfigParser, name: str, cls):
     return cls(**values)
 
 
-def parse_configuration(content: str, config_dir: str, runtime_dir: str) -> Configuration:
+def parse_configuration(content: str, config_dir: str, runtime_dir: str,
+                        spool_dir: Optional[str] = None) -> Configuration:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
     try:
         parser.read_string(content, source="config.ini")
@@ -280,10 +291,10 @@ def parse_configuration(content: str, config_dir: str, runtime_dir: str) -> Conf
                         name, ", ".join(SECTIONS))
     sections = {name.lower(): _section(parser, name, cls) for name, cls in SECTIONS.items()}
     return Configuration(config_dir=os.path.abspath(config_dir), runtime_dir=os.path.abspath(runtime_dir),
-                         **sections)
+                         spool_dir=os.path.abspath(spool_dir) if spool_dir else None, **sections)
 
 
-def load_configuration(config_dir: str, runtime_dir: str) -> Configuration:
+def load_configuration(config_dir: str, runtime_dir: str, spool_dir: Optional[str] = None) -> Configuration:
     path = os.path.join(config_dir, "config.ini")
     try:
         with open(path, encoding="utf-8") as f:
@@ -293,4 +304,4 @@ def load_configuration(config_dir: str, runtime_dir: str) -> Configuration:
         content = ""
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("cannot read %s: %s" % (path, e)) from None
-    return parse_configuration(content, config_dir, runtime_dir)
+    return parse_configuration(content, config_dir, runtime_dir, spool_dir)

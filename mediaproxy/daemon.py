@@ -29,6 +29,10 @@ def parse_options(name: str, argv=None):
                         help="read DIR/config.ini and the TLS files (default %(default)s)")
     parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME_DIR, metavar="DIR",
                         help="sockets, pid file and state (default %(default)s)")
+    if name == "media-dispatcher":
+        parser.add_argument("--spool-dir", metavar="DIR",
+                            help="accounting records waiting for their back-end; must survive a reboot "
+                                 "(default RUNTIME_DIR/accounting)")
     parser.add_argument("--no-fork", action="store_true", help="stay in the foreground and log to the terminal")
     parser.add_argument("--systemd", action="store_true",
                         help="run as a systemd service: foreground, log to the journal, notify readiness")
@@ -105,7 +109,8 @@ def run(name: str, build_service, level_of, on_sighup=None, argv=None) -> int:
     """Run a daemon. build_service(configuration, reactor) returns the root service."""
     options = parse_options(name, argv)
     try:
-        configuration = load_configuration(options.config_dir, options.runtime_dir)
+        configuration = load_configuration(options.config_dir, options.runtime_dir,
+                                           getattr(options, "spool_dir", None))
     except ConfigError as e:
         print("%s: %s" % (name, e), file=sys.stderr)
         return 1

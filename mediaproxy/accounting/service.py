@@ -2,7 +2,6 @@
 and worker. `save(statistics)` is all the dispatcher calls."""
 
 import logging
-import os
 
 from mediaproxy.accounting.worker import BackendWorker
 
@@ -31,8 +30,7 @@ class Accounting:
         self.workers = []
         for name in configuration.dispatcher.accounting:
             backend = make_backend(name, configuration)
-            spool = os.path.join(configuration.runtime_dir, "accounting", name)
-            self.workers.append(BackendWorker(backend, spool, reactor))
+            self.workers.append(BackendWorker(backend, configuration.spool_path(name), reactor))
 
     def start(self) -> None:
         for worker in self.workers:

@@ -73,7 +73,8 @@ class DialogTerminator(DatagramProtocol):
             os.unlink(self.own_socket)
         except FileNotFoundError:
             pass
-        self._port = self.reactor.listenUNIXDatagram(self.own_socket, self)
+        # the proxy answers to this socket: its group may write, others not
+        self._port = self.reactor.listenUNIXDatagram(self.own_socket, self, mode=0o660)
 
     def stop(self) -> None:
         if self._port is not None:

@@ -1,6 +1,7 @@
 """The media-dispatcher service tree: proxy socket, relay port, management port."""
 
 import errno
+import grp
 import logging
 import os
 import socket
@@ -43,6 +44,26 @@ def remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+def group_id(name):
+    """The id of the group ``name`` (None: keep the process's group)."""
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise StartupError("[Dispatcher] socket_group: there is no group %r" % name) from None
+
+
+def give_to_group(path: str, gid) -> None:
+    """Let the proxy's group use a socket of ours (mode 0660: not world-writable)."""
+    if gid is None:
+        return
+    try:
+        os.chown(path, -1, gid)
+    except OSError as e:
+        raise StartupError("cannot give %s to group %d: %s" % (path, gid, e.strerror)) from None
+
+
 class DispatcherService(service.MultiService):
     def __init__(self, configuration, reactor):
         super().__init__()
@@ -60,6 +81,7 @@ class DispatcherService(service.MultiService):
             raise StartupError(str(e)) from None
         self.dispatcher = Dispatcher(reactor, dialogs=self.dialogs, accounting=[self.accounting])
         self.socket_path = configuration.runtime_path(config.socket_path)
+        self.socket_gid = group_id(config.socket_group)
         self.state_path = configuration.runtime_path(STATE_FILE)
         cleaner = internet.TimerService(min(CLEANUP_INTERVAL, config.cleanup_dead_relays_after,
                                             config.cleanup_expired_sessions_after),
@@ -90,7 +112,9 @@ class DispatcherService(service.MultiService):
         remove_stale_socket(self.socket_path)
         self.dispatcher.restore(load_state(self.state_path, SessionRecord))
         self._proxy_port = self.reactor.listenUNIX(self.socket_path, ProxyFactory(self.dispatcher), mode=0o660)
+        give_to_group(self.socket_path, self.socket_gid)
         self.dialogs.start()
+        give_to_group(self.dialogs.own_socket, self.socket_gid)
         self.accounting.start()
         super().startService()
         config = self.configuration.dispatcher

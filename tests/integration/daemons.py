@@ -330,6 +330,7 @@ class Cluster:
             self.runtime_root = Path(tempfile.mkdtemp(prefix="mp-it-"))
         self.dispatcher: Process | None = None
         self.dispatcher_config: dict = {}
+        self.dispatcher_arguments: tuple = ()
         self.relays: dict[str, Process] = {}
         self.listen_port = 0
         self.management_port = 0
@@ -346,7 +347,9 @@ class Cluster:
         return ("127.0.0.1", self.management_port)
 
     def start_dispatcher(self, management_use_tls: bool = False, sections: Mapping | None = None,
-                         **options) -> Process:
+                         arguments: Iterable[str] = (), wait: bool = True, **options) -> Process:
+        """``arguments``: more command-line options; ``wait=False``: return at once
+        (for a dispatcher that must refuse to start)."""
         self.listen_port = free_tcp_port()
         self.management_port = free_tcp_port()
         self.management_tls = management_use_tls
@@ -359,7 +362,8 @@ class Cluster:
         self.dispatcher_config = config
         config_dir = self.workdir / "dispatcher"
         write_config(config_dir, {"Dispatcher": config, "TLS": {"certs_path": self.certs.path}, **(sections or {})})
-        return self._run_dispatcher()
+        self.dispatcher_arguments = tuple(arguments)
+        return self._run_dispatcher(wait)
 
     def restart_dispatcher(self, signum: int = signal.SIGTERM) -> Process:
         """Stop the dispatcher (SIGTERM: it saves its sessions; SIGKILL: it cannot) and
@@ -367,12 +371,14 @@ class Cluster:
         self.dispatcher.stop(signum=signum)
         return self._run_dispatcher()
 
-    def _run_dispatcher(self) -> Process:
+    def _run_dispatcher(self, wait: bool = True) -> Process:
         config_dir = self.workdir / "dispatcher"
         runtime = self.runtime_root / "dispatcher"
         self.dispatcher = self.manager.start("dispatcher", [
-            PYTHON, DISPATCHER_SCRIPT, "--config-dir", config_dir, "--runtime-dir", runtime, "--no-fork"],
-            contain=False)
+            PYTHON, DISPATCHER_SCRIPT, "--config-dir", config_dir, "--runtime-dir", runtime, "--no-fork",
+            *self.dispatcher_arguments], contain=False)
+        if not wait:
+            return self.dispatcher
         wait_for_unix_socket(self.socket_path, timeout=START_TIMEOUT)
         # The relay and management ports are opened right after the proxy socket.
         self.dispatcher.wait_for_log(r"listening for the proxy on", timeout=START_TIMEOUT)

@@ -1,5 +1,5 @@
 """Finished sessions land in the accounting database (SPEC §7), here the
-embedded default: SQLite in the runtime directory."""
+embedded default: SQLite; records wait in the spool directory."""
 
 import json
 import signal
@@ -51,10 +51,12 @@ def test_a_removed_call_is_one_row_with_its_statistics(cluster, tmp_path):
         {"backend": "database", "queued": 0, "written": 1, "set_aside": 0, "last_error": None})]
 
 
-def test_records_of_an_unusable_database_wait_and_survive_a_restart(cluster, tmp_path):
+def test_records_of_an_unusable_database_wait_in_the_spool_and_survive_a_restart(cluster, tmp_path):
     database = tmp_path / "missing-dir" / "accounting.sqlite"          # sqlite cannot create it yet
     url = "sqlite:///%s" % database
-    cluster.start_dispatcher(accounting="database", sections={"Database": {"dburi": url}})
+    spool = tmp_path / "spool"
+    cluster.start_dispatcher(accounting="database", sections={"Database": {"dburi": url}},
+                             arguments=("--spool-dir", spool))
     cluster.start_relay(RELAY_A)
     with cluster.proxy() as proxy:
         for n in range(3):
@@ -64,7 +66,10 @@ def test_records_of_an_unusable_database_wait_and_survive_a_restart(cluster, tmp
     wait_for(lambda: json.loads(cluster.management_command("accounting")[0])["queued"] == 3, timeout=10,
              message="the records are not queued")
     assert "unable to open database file" in json.loads(cluster.management_command("accounting")[0])["last_error"]
+    assert len(list((spool / "database").glob("*.json"))) == 3
+    assert not (cluster.runtime_root / "dispatcher" / "accounting").exists()
     cluster.restart_dispatcher(signum=signal.SIGKILL)
     database.parent.mkdir()
     wait_for(lambda: len(rows(url)) == 3, timeout=15, message="the queued records did not arrive")
     assert [row[0] for row in rows(url)] == ["call-0", "call-1", "call-2"]
+    wait_for(lambda: not any((spool / "database").glob("*.json")), timeout=5, message="the spool to be emptied")

@@ -210,3 +210,15 @@ def test_the_management_passport():
 def test_an_infinite_number_names_section_key_and_value():
     with pytest.raises(ConfigError, match=r"\[Dispatcher\] relay_timeout = 'inf'"):
         parse("[Dispatcher]\nrelay_timeout = inf\n")
+
+
+def test_accounting_spools_are_in_the_spool_dir_or_else_the_runtime_dir():
+    assert parse("").spool_path("database") == "/run/mediaproxy/accounting/database"
+    configuration = parse_configuration("", "/etc/mediaproxy", "/run/mediaproxy", "/var/spool/mediaproxy")
+    assert configuration.spool_path("radius") == "/var/spool/mediaproxy/radius"
+
+
+def test_socket_group_is_a_name_or_nothing():
+    assert parse("").dispatcher.socket_group is None
+    assert parse("[Dispatcher]\nsocket_group = kamailio\n").dispatcher.socket_group == "kamailio"
+    assert parse("[Dispatcher]\nsocket_group =\n").dispatcher.socket_group is None
