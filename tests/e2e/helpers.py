@@ -316,14 +316,15 @@ class Daemon:
 
 
 def _daemon(
-    topology: Topology, host: str, script: Path, name: str, workdir: Path, sections, arguments=()
+    topology: Topology, host: str, script: Path, name: str, workdir: Path, sections, arguments=(), wrapper=()
 ) -> Daemon:
     # Short paths: a UNIX socket path has at most 107 bytes.
     config_dir = workdir / name.removeprefix("media-")
     runtime_dir = config_dir / "run"
     write_config(config_dir, sections)
     runtime_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, script, *arguments, "--config-dir", config_dir, "--runtime-dir", runtime_dir, "--no-fork"]
+    argv = [*wrapper, sys.executable, script, *arguments, "--config-dir", config_dir, "--runtime-dir", runtime_dir,
+            "--no-fork"]
     return Daemon(topology.spawn(host, argv, name=name), config_dir, runtime_dir)
 
 
@@ -371,10 +372,12 @@ def start_relay(
     port_range: tuple[int, int] = (50000, 50100),
     extra: dict[str, dict[str, object]] | None = None,
     wait: bool = True,
+    wrapper: tuple[str, ...] = (),
 ) -> Daemon:
     """media-relay in ``host`` on its address, connecting to the dispatcher of
     ``dispatcher_host``. Returns once the dispatcher lists it as active
-    (``wait=False``: at once, e.g. for a relay that must refuse to start)."""
+    (``wait=False``: at once, e.g. for a relay that must refuse to start).
+    ``wrapper``: a command that runs the relay (e.g. setpriv dropping capabilities)."""
     address = topology.address(host)
     sections: dict[str, dict[str, object]] = {
         "Relay": {
@@ -387,7 +390,7 @@ def start_relay(
     }
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)
-    daemon = _daemon(topology, host, RELAY_SCRIPT, f"media-relay-{host}", workdir, sections)
+    daemon = _daemon(topology, host, RELAY_SCRIPT, f"media-relay-{host}", workdir, sections, wrapper=wrapper)
     if not wait:
         return daemon
     management = Management(topology, dispatcher_host)

@@ -328,7 +328,7 @@ class Rig:
     def relay(self) -> Daemon:
         return self.relays[-1]
 
-    def start_relay(self, options: dict[str, object] | None = None, wait: bool = True) -> Daemon:
+    def start_relay(self, options: dict[str, object] | None = None, wait: bool = True, wrapper=()) -> Daemon:
         relay = start_relay(
             self.topo,
             self.workdir,
@@ -337,6 +337,7 @@ class Rig:
             port_range=PORT_RANGE,
             extra={"Relay": {**RELAY_OPTIONS, **(options or {})}},
             wait=wait,
+            wrapper=wrapper,
         )
         self.relays.append(relay)
         return relay

@@ -222,3 +222,19 @@ def test_without_ip_forward_media_is_relayed_in_user_space_or_the_relay_refuses(
     assert refusing.process.wait(timeout=15) != 0
     log = refusing.process.log_text()
     assert re.search(r"cannot start: .*kernel_forwarding = yes.*ip_forward", log), log
+
+
+def test_without_its_capabilities_the_relay_says_which_and_relays_in_user_space_or_refuses(make_rig):
+    rig = make_rig()
+    # root, but without CAP_NET_ADMIN and CAP_NET_RAW (as under a unit that forgot them)
+    unprivileged = ("setpriv", "--bounding-set", "-net_admin,-net_raw", "--")
+    relay = rig.start_relay({"kernel_forwarding": "auto"}, wrapper=unprivileged)
+    line = relay.process.wait_for_log(r"kernel forwarding unavailable, media is relayed in user space: .*", timeout=5)
+    assert "the kernel path needs CAP_NET_ADMIN and CAP_NET_RAW" in line.group(0), line.group(0)
+    assert rig.summary()["forwarding"] == "userspace"
+    relay.process.stop()
+
+    refusing = rig.start_relay({"kernel_forwarding": "yes"}, wait=False, wrapper=unprivileged)
+    assert refusing.process.wait(timeout=15) != 0
+    log = refusing.process.log_text()
+    assert re.search(r"cannot start: .*kernel_forwarding = yes.*CAP_NET_ADMIN and CAP_NET_RAW", log), log

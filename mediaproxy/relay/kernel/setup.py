@@ -8,30 +8,23 @@ applies with a probe packet (FIELD-NOTES 1: listing tables proves nothing).
 
 import errno
 import logging
+import os
 import socket
 
 from mediaproxy.relay.kernel import ctnetlink
 from mediaproxy.relay.kernel.conntrack import ConntrackTable
 from mediaproxy.relay.kernel.iptables import Iptables, IptablesError
 from mediaproxy.relay.kernel.netlink import ConntrackSocket, EventSocket, NetlinkError
+from mediaproxy.relay.kernel.prerequisites import missing_prerequisites
 
 log = logging.getLogger("mediaproxy.relay")
 
 CONNTRACK_ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
-IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 PROBE_TIMEOUT = 0.5
 
 
 class KernelUnavailable(Exception):
     """The kernel path cannot work here; the message says what is missing."""
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _write(path: str, value: str) -> None:
@@ -98,8 +91,9 @@ def start_kernel_path(relay_ip: str, mark: int, port_range):
     """(ConntrackTable, EventSocket) ready for use, or KernelUnavailable."""
     if ":" in relay_ip:
         raise KernelUnavailable("the kernel path is for IPv4 relay addresses")
-    if _read(IP_FORWARD) != "1":
-        raise KernelUnavailable("net.ipv4.ip_forward is not 1 (the kernel must forward the relayed packets)")
+    problems = missing_prerequisites()
+    if problems:
+        raise KernelUnavailable("; ".join(problems))
     try:
         iptables = Iptables(mark)
         iptables.enable_conntrack_hooks()
@@ -116,6 +110,8 @@ def start_kernel_path(relay_ip: str, mark: int, port_range):
     except OSError as e:
         raise KernelUnavailable("no conntrack netlink: %s" % e.strerror) from None
     try:
+        if not os.path.exists(CONNTRACK_ACCT):
+            raise KernelUnavailable("the kernel has no connection tracking (nf_conntrack) in this network namespace")
         _write(CONNTRACK_ACCT, "1")
         table = ConntrackTable(netlink, iptables, relay_ip, mark, inhibitor_set)
         stale_entries = table.remove_leftovers(port_range)
