@@ -5,6 +5,8 @@
 #                             pytest options, TESTS=tests/unit for a subset
 #   make run                  dispatcher and relay on this host (scripts/run-local)
 #   make bench                benchmarks (root, ~5 min): bench/RESULTS.md, bench/results.json
+#   make deb                  Debian packages and their lintian report in build/deb/
+#                             (DEB_OUT=dir for another place)
 #
 # `make deps` is idempotent: it runs apt-get (update, then install) only when
 # a package of requirements-apt.txt is missing, and pip only when setup.py
@@ -28,7 +30,7 @@ export DEBIAN_FRONTEND := noninteractive
 export PIP_NO_INPUT := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help deps deps-apt test run bench clean distclean
+.PHONY: help deps deps-apt test run bench deb clean distclean
 
 help:
 	@sed -n '1,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -47,6 +49,11 @@ deps-apt:
 	    $(SUDO) apt-get -q update </dev/null; \
 	    $(SUDO) apt-get -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
 	        install --no-install-recommends $$missing </dev/null; \
+	fi
+	@if ! dpkg-checkbuilddeps >/dev/null 2>&1; then \
+	    echo "deps: installing the build dependencies of debian/control"; \
+	    $(SUDO) apt-get -q update </dev/null; \
+	    $(SUDO) apt-get -y -q --no-install-recommends build-dep ./ </dev/null; \
 	fi
 
 $(VENV)/bin/python:
@@ -67,6 +74,19 @@ test: deps
 
 run: deps
 	scripts/run-local
+
+# The packages are built from a copy of the files git knows (a clean tree,
+# and dpkg-buildpackage writes next to the tree it builds), with Debian's own
+# Python and nothing of the virtualenv or pyenv on the PATH.
+DEB_OUT ?= build/deb
+deb: deps-apt
+	rm -rf $(DEB_OUT) && mkdir -p $(DEB_OUT)/mediaproxy
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(DEB_OUT)/mediaproxy
+	cd $(DEB_OUT)/mediaproxy && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$$HOME" \
+	    dpkg-buildpackage -us -uc -b >../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+	status=0; lintian --pedantic --info --fail-on error $(DEB_OUT)/*.changes >$(DEB_OUT)/lintian.txt 2>&1 || status=$$?; \
+	    grep -v 'not recommended' $(DEB_OUT)/lintian.txt || true; exit $$status
+	@echo "deb: $$(cd $(DEB_OUT) && ls *.deb | tr '\n' ' ')in $(DEB_OUT)/ (lintian: $(DEB_OUT)/lintian.txt)"
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis ./run
