@@ -87,7 +87,7 @@ class RelayService(service.MultiService):
             log.warning("kernel forwarding unavailable, media is relayed in user space: %s", e)
             return UserspaceForwarding(self.relay_ip, reactor)
         log.info("kernel forwarding on: running streams are relayed by conntrack (mark %#x)", config.conntrack_mark)
-        forwarding = KernelForwarding(self.relay_ip, reactor, table, events)
+        forwarding = KernelForwarding(self.relay_ip, reactor, table, events, config.port_range)
         forwarding.on_expired = self._stream_expired
         return forwarding
 

@@ -49,6 +49,7 @@ class UserspaceForwarding(StreamListener):
         self.clock = reactor
         self.reactor = reactor
         self.sockets = {}            # port -> listening transport (both ports of each pair)
+        self.receivers = {}          # even port of an open pair -> its stream's packet path
         self.kernel_ports = frozenset()   # ports whose packets the kernel relays (see KernelForwarding)
         self.packets_forwarded = 0
         self.bytes_forwarded = 0
@@ -57,16 +58,20 @@ class UserspaceForwarding(StreamListener):
         opened = []
         try:
             for component in (0, 1):
-                listening = self.reactor.listenUDP(port + component, MediaSocket(self, component, receiver),
-                                                   interface=self.ip)
-                opened.append(listening)
+                opened.append(self.listen(port + component, receiver))
         except CannotListenError:
             for listening in opened:
                 listening.stopListening()
             raise PortUnavailable(port) from None
         self.sockets[port], self.sockets[port + 1] = opened
+        self.receivers[port] = receiver
+
+    def listen(self, port: int, receiver):
+        """One socket of a pair (RTP on the even port, RTCP on the odd one); raises CannotListenError."""
+        return self.reactor.listenUDP(port, MediaSocket(self, port & 1, receiver), interface=self.ip)
 
     def close(self, port: int) -> None:
+        self.receivers.pop(port, None)
         for p in (port, port + 1):
             listening = self.sockets.pop(p, None)
             if listening is not None:

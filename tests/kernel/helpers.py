@@ -102,6 +102,12 @@ def conntrack_entries(topo: Topology, host: str = RELAY_HOST, mark: int = MARK) 
     return [ConntrackEntry.parse(line) for line in output.splitlines() if "src=" in line]
 
 
+def udp_listening_ports(topo: Topology, host: str = RELAY_HOST) -> set[int]:
+    """The local ports of the UDP sockets in ``host``'s namespace (``ss -Hnua``)."""
+    output = topo.run(host, ["ss", "-Hnua"]).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in output.splitlines() if line.strip()}
+
+
 def raw_rules(topo: Topology, host: str = RELAY_HOST) -> list[str]:
     """The raw table's rules in ``host`` (``iptables-legacy -t raw -S``), policies left out."""
     output = topo.run(host, ["iptables-legacy", "-t", "raw", "-S"]).stdout
@@ -393,6 +399,9 @@ class Rig:
 
     def entries(self) -> list[ConntrackEntry]:
         return conntrack_entries(self.topo)
+
+    def listening_ports(self) -> set[int]:
+        return udp_listening_ports(self.topo)
 
     def inhibitor_rules(self) -> list[str]:
         return relay_rules(self.topo)

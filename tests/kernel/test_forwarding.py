@@ -84,6 +84,11 @@ def test_the_kernel_relays_a_running_call_and_counts_every_packet(make_rig):
     after = rig.summary()
     assert after["userspace_packets"] == before, (before, after)
     assert after["kernel_entries"] == 2
+    # The relay's sockets of the call's four ports are closed while the kernel relays them.
+    call_ports = {port + component for port in (call.caller_facing_port, call.callee_facing_port)
+                  for component in (RTP, RTCP)}
+    assert after["parked_ports"] == 4
+    assert not call_ports & rig.listening_ports()
     assert callee.received_count(RTP) - heard_by_callee == 300
     assert caller.received_count(RTP) - heard_by_caller == 300
     assert rig.entries()[0].orig_packets > 0
@@ -100,6 +105,7 @@ def test_the_kernel_relays_a_running_call_and_counts_every_packet(make_rig):
     assert_heard_only_from_the_relay(caller, call.caller_facing_port, call.relay_ip)
     assert_heard_only_from_the_relay(callee, call.callee_facing_port, call.relay_ip)
     assert call.remove() == "removed"
+    assert rig.summary()["parked_ports"] == 0
 
 
 def test_remove_leaves_no_entry_and_no_rule_and_reports_the_full_counts(make_rig):

@@ -14,6 +14,7 @@ from zope.interface import implementer
 from mediaproxy.relay.kernel.conntrack import IPV4_UDP_HEADERS, ConntrackTable, entry_for, udp_stream_timeout
 from mediaproxy.relay.kernel.iptables import IptablesError
 from mediaproxy.relay.kernel.netlink import EventSocket, NetlinkError
+from mediaproxy.relay.kernel.parking import PortParking
 from mediaproxy.relay.streams import CALLER, CONNTRACK_TIMEOUT, RTP
 from mediaproxy.relay.userspace import UserspaceForwarding
 
@@ -44,8 +45,9 @@ class _EventReader:
 
 
 class KernelForwarding(UserspaceForwarding):
-    def __init__(self, ip: str, reactor, table: ConntrackTable, events: EventSocket):
+    def __init__(self, ip: str, reactor, table: ConntrackTable, events: EventSocket, port_range=None):
         super().__init__(ip, reactor)
+        self.parking = PortParking(self, reactor, port_range)
         self.table = table
         self.kernel_ports = table.kernel_ports
         self.events = events
@@ -63,6 +65,7 @@ class KernelForwarding(UserspaceForwarding):
             self._reap_call.cancel()
         self.reactor.removeReader(self._reader)
         self.events.close()
+        self.parking.stop()
 
     # StreamListener
 
@@ -72,7 +75,9 @@ class KernelForwarding(UserspaceForwarding):
             self._handover_call = self.reactor.callLater(0, self._hand_over)
 
     def unlatched(self, stream) -> None:
-        if self.table.remove_port(stream.leg(CALLER).port):
+        removed = self.table.remove_port(stream.leg(CALLER).port)
+        self._wake(removed)
+        if removed:
             log.info("session %s: a party moved, its %s stream is relayed in user space until it latches again",
                      stream.call_id, stream.media_type)
 
@@ -92,6 +97,8 @@ class KernelForwarding(UserspaceForwarding):
             log.error("could not hand %d sub-streams to the kernel, they stay in user space: %s", len(entries), e)
             return
         for entry in installed:
+            for leg in entry.stream.legs.values():
+                self.parking.park(leg.port + entry.component)
             log.debug("session %s: %s %s relayed by the kernel", entry.stream.call_id, entry.stream.media_type,
                       "RTP" if entry.component == RTP else "RTCP")
 
@@ -102,7 +109,15 @@ class KernelForwarding(UserspaceForwarding):
             self.table.remove_port(port)
         except (NetlinkError, OSError) as e:
             log.error("could not remove the kernel entries of port %d: %s", port, e)
+        self.parking.forget(port)
         super().close(port)
+
+    def _wake(self, entries) -> None:
+        """The kernel no longer relays these sub-streams: their ports listen again."""
+        for entry in entries:
+            if not entry.stream.ended:
+                for leg in entry.stream.legs.values():
+                    self.parking.wake(leg.port + entry.component)
 
     def refresh_counters(self) -> None:
         try:
@@ -121,7 +136,7 @@ class KernelForwarding(UserspaceForwarding):
 
     def status(self) -> dict:
         return {"forwarding": "kernel", "userspace_packets": self.packets_forwarded,
-                "kernel_entries": len(self.table)}
+                "kernel_entries": len(self.table), "parked_ports": len(self.parking)}
 
     # Destroy events
 
@@ -176,3 +191,4 @@ class KernelForwarding(UserspaceForwarding):
                 entry.stream.last_activity = now
                 continue
             self.on_expired(entry.stream, CONNTRACK_TIMEOUT, timeout_wait)
+        self._wake(ended)

@@ -1,0 +1,161 @@
+"""The sockets of ports the kernel relays are closed while it does.
+
+A port whose packets a conntrack NAT entry relays never sees them in the
+relay process, so its socket would only cost a descriptor: at four sockets
+a stream a relay runs out of descriptors (20,000 here) at 5,000 calls, long
+before the kernel runs out of entries. A parked port keeps its place in the
+port pool; when its entry goes (the stream moves, pauses, is put on hold)
+its socket is opened again.
+
+A party that moves without a new offer (a NAT that rebinds) sends to a
+parked port from an address no entry matches, so the packet is delivered to
+the relay's address where no socket listens. One raw socket sees every UDP
+packet delivered to the relay's address in its port range (the kernel's
+NAT-relayed packets are forwarded, not delivered, so it does not see those)
+and wakes the port up: the party's next packet is heard and latched again.
+"""
+
+import ctypes
+import errno
+import logging
+import socket
+import struct
+
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReadDescriptor
+from zope.interface import implementer
+
+log = logging.getLogger("mediaproxy.relay")
+
+SO_ATTACH_FILTER = 26
+UDP_HEADER_END = 64             # bytes of a packet the raw socket keeps: IP header (<= 60) and ports
+READS_PER_TURN = 256            # packets read from the raw socket before the reactor does something else
+
+
+def port_range_filter(low: int, high: int) -> bytes:
+    """Classic BPF for a raw IPv4 UDP socket: keep the headers of packets to ports low..high-1."""
+    program = [
+        (0xB1, 0, 0, 0),                     # ldxb 4*([0]&0xf): X = IP header length
+        (0x48, 0, 0, 2),                     # ldh [x+2]: the UDP destination port
+        (0x35, 0, 2, low),                   # jge #low, next, drop
+        (0x35, 1, 0, high),                  # jge #high, drop, keep
+        (0x06, 0, 0, UDP_HEADER_END),        # ret: keep the headers
+        (0x06, 0, 0, 0),                     # ret 0: drop
+    ]
+    return b"".join(struct.pack("HBBI", *instruction) for instruction in program)
+
+
+def attach_filter(sock: socket.socket, program: bytes) -> None:
+    instructions = ctypes.create_string_buffer(program)
+    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(instructions))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def destination_port(packet: bytes):
+    """The UDP destination port of a raw IPv4 packet, or None if it is too short."""
+    header = (packet[0] & 0x0F) * 4 if packet else 0
+    if len(packet) < header + 4:
+        return None
+    return (packet[header + 2] << 8) | packet[header + 3]
+
+
+@implementer(IReadDescriptor)
+class _Catcher:
+    """The raw socket: which parked ports packets arrive at."""
+
+    def __init__(self, ip: str, port_range, on_packet):
+        self.on_packet = on_packet
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        try:
+            attach_filter(self.sock, port_range_filter(*port_range))
+            self.sock.bind((ip, 0))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def doRead(self):
+        for _ in range(READS_PER_TURN):
+            try:
+                packet = self.sock.recv(UDP_HEADER_END)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    log.error("the raw socket that wakes up parked ports failed: %s", e)
+                return
+            port = destination_port(packet)
+            if port is not None:
+                self.on_packet(port)
+
+    def connectionLost(self, reason):
+        pass
+
+    def logPrefix(self):
+        return "parked-ports"
+
+    def close(self):
+        self.sock.close()
+
+
+class PortParking:
+    """Parks and wakes the sockets of a UserspaceForwarding (its ``sockets``,
+    ``receivers`` and ``listen``)."""
+
+    def __init__(self, forwarding, reactor, port_range=None):
+        self.forwarding = forwarding
+        self.reactor = reactor
+        self.parked = {}            # port -> Deferred that fires when its socket is closed
+        self._catcher = None
+        if port_range is not None:
+            try:
+                self._catcher = _Catcher(forwarding.ip, port_range, self._packet_to)
+            except OSError as e:
+                log.warning("parked ports cannot be woken by a moving party (no raw socket: %s); "
+                            "a new offer still wakes them", e.strerror)
+            else:
+                reactor.addReader(self._catcher)
+
+    def __len__(self):
+        return len(self.parked)
+
+    def stop(self) -> None:
+        if self._catcher is not None:
+            self.reactor.removeReader(self._catcher)
+            self._catcher.close()
+            self._catcher = None
+
+    def park(self, port: int) -> None:
+        listening = self.forwarding.sockets.pop(port, None)
+        if listening is not None:
+            self.parked[port] = defer.maybeDeferred(listening.stopListening)
+
+    def wake(self, port: int) -> None:
+        closing = self.parked.pop(port, None)
+        if closing is None:
+            return
+        pair = port & ~1
+        receiver = self.forwarding.receivers.get(pair)
+
+        def listen(_=None):
+            forwarding = self.forwarding
+            if forwarding.receivers.get(pair) is not receiver or port in forwarding.sockets or port in self.parked:
+                return      # closed, opened or parked again meanwhile
+            try:
+                forwarding.sockets[port] = forwarding.listen(port, receiver)
+            except CannotListenError as e:
+                log.error("port %d cannot be listened on again, its stream is lost: %s", port, e.socketError)
+        if receiver is not None:
+            closing.addCallback(listen)
+
+    def forget(self, pair: int) -> None:
+        """The pair is closed: nothing of it is to be woken."""
+        self.parked.pop(pair, None)
+        self.parked.pop(pair + 1, None)
+
+    def _packet_to(self, port: int) -> None:
+        if port in self.parked:
+            log.debug("a packet from a new address to parked port %d: listening on it again", port)
+            self.wake(port)

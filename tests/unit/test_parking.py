@@ -1,0 +1,124 @@
+"""Parked ports: the sockets of kernel-relayed ports are closed and opened
+again when the kernel stops relaying them; a raw socket tells which parked
+port a packet from a new address went to."""
+
+import os
+import socket
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from mediaproxy.relay.kernel.parking import PortParking, _Catcher, destination_port
+
+
+class FakeListening:
+    def __init__(self, port, receiver):
+        self.port, self.receiver = port, receiver
+        self.closing = defer.Deferred()
+
+    def stopListening(self):
+        return self.closing
+
+
+class FakeForwarding:
+    """What PortParking uses of a UserspaceForwarding."""
+
+    ip = "127.0.0.1"
+
+    def __init__(self):
+        self.sockets, self.receivers, self.listened = {}, {}, []
+        self.kernel_ports = set()
+
+    def open(self, port, receiver):
+        self.receivers[port] = receiver
+        for p in (port, port + 1):
+            self.sockets[p] = self.listen(p, receiver)
+
+    def listen(self, port, receiver):
+        self.listened.append(port)
+        return FakeListening(port, receiver)
+
+
+def receiver(component, source, data, now):
+    return None
+
+
+@pytest.fixture
+def parking():
+    forwarding = FakeForwarding()
+    forwarding.open(40000, receiver)
+    forwarding.listened.clear()
+    return PortParking(forwarding, Clock())
+
+
+def test_a_parked_port_has_no_socket_until_it_is_woken(parking):
+    forwarding = parking.forwarding
+    closing = forwarding.sockets[40000].closing
+    parking.park(40000)
+    assert 40000 not in forwarding.sockets and 40001 in forwarding.sockets
+    assert len(parking) == 1
+    parking.wake(40000)
+    assert forwarding.listened == []            # the old socket is not closed yet
+    closing.callback(None)
+    assert forwarding.listened == [40000]
+    assert forwarding.sockets[40000].receiver is receiver and len(parking) == 0
+
+
+def test_waking_an_open_or_unknown_port_does_nothing(parking):
+    parking.wake(40000)
+    parking.wake(40100)
+    assert parking.forwarding.listened == []
+
+
+def test_a_closed_pair_is_not_woken(parking):
+    forwarding = parking.forwarding
+    closing = forwarding.sockets[40001].closing
+    parking.park(40001)
+    parking.wake(40001)
+    del forwarding.receivers[40000]             # the stream ended meanwhile
+    closing.callback(None)
+    assert forwarding.listened == []
+    parking.park(40000)
+    parking.forget(40000)
+    assert len(parking) == 0
+
+
+def test_a_port_parked_again_before_its_socket_closed_stays_parked(parking):
+    forwarding = parking.forwarding
+    closing = forwarding.sockets[40000].closing
+    parking.park(40000)
+    parking.wake(40000)
+    parking.parked[40000] = defer.succeed(None)  # handed to the kernel again meanwhile
+    closing.callback(None)
+    assert forwarding.listened == []
+
+
+def test_destination_port_of_raw_packets():
+    header = bytes([0x45]) + bytes(19)
+    assert destination_port(header + b"\x9c\x40\x9c\x41") == 40001
+    options = bytes([0x46]) + bytes(23)
+    assert destination_port(options + b"\x00\x01\x9c\x40") == 40000
+    assert destination_port(header + b"\x00") is None
+    assert destination_port(b"") is None
+
+
+def test_the_raw_socket_reports_packets_to_its_port_range_only():
+    if os.geteuid() != 0:
+        pytest.skip("a raw socket needs root")
+    low = 47000
+    caught = []
+    catcher = _Catcher("127.0.0.1", (low, low + 4), caught.append)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for port in (low - 1, low, low + 3, low + 4, low + 1):
+                sender.sendto(b"x" * 200, ("127.0.0.1", port))
+        catcher.sock.setblocking(True)
+        catcher.sock.settimeout(2)
+        for _ in range(3):
+            caught.append(destination_port(catcher.sock.recv(64)))
+        catcher.sock.setblocking(False)
+        catcher.doRead()                        # nothing more: the other ports were filtered out
+    finally:
+        catcher.close()
+    assert caught == [low, low + 3, low + 1]
