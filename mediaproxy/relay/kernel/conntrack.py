@@ -101,29 +101,34 @@ class ConntrackTable:
             incoming.append(entry.orig)
             callee_ip, callee_port = entry.callee
             incoming.append(Tuple5(callee_ip, self.relay_ip, callee_port, entry.relay_b[1]))
-        next_seq, requests, creates = self.netlink.next_seq, [], {}
-
-        def request(encode, *args):
-            seq = next_seq()
-            requests.append((seq, encode(seq, *args)))
-            return seq
-        chunks = [incoming[i:i + ipset.MAX_MEMBERS] for i in range(0, len(incoming), ipset.MAX_MEMBERS)]
-        inhibitions = [request(ipset.encode_add, self.inhibitor_set, chunk) for chunk in chunks]
-        for flow in incoming:                                   # the entries of the user-space path
-            request(ctnetlink.encode_delete, flow)
-        timeout = udp_stream_timeout()
-        for entry in entries:
-            seq = request(ctnetlink.encode_nat_entry4, entry.orig, entry.callee, entry.relay_b, timeout, self.mark)
-            creates[seq] = entry
+        next_seq, requests, creates = self.netlink.next_seq, [], []
+        # (the loops below run for every sub-stream handed over: written out, without helpers)
+        chunks = [ipset.Members(incoming[i:i + ipset.MAX_MEMBERS])
+                  for i in range(0, len(incoming), ipset.MAX_MEMBERS)]
+        inhibitions = []
         for chunk in chunks:
-            request(ipset.encode_del, self.inhibitor_set, chunk)
+            seq = next_seq()
+            requests.append((seq, ipset.encode_add(seq, self.inhibitor_set, chunk)))
+            inhibitions.append(seq)
+        encode_delete, encode_nat_entry4 = ctnetlink.encode_delete, ctnetlink.encode_nat_entry4
+        for flow in incoming:                                   # the entries of the user-space path
+            seq = next_seq()
+            requests.append((seq, encode_delete(seq, flow)))
+        timeout, mark = udp_stream_timeout(), self.mark
+        for entry in entries:
+            seq = next_seq()
+            requests.append((seq, encode_nat_entry4(seq, entry.orig, entry.callee, entry.relay_b, timeout, mark)))
+            creates.append((seq, entry))
+        for chunk in chunks:
+            seq = next_seq()
+            requests.append((seq, ipset.encode_del(seq, self.inhibitor_set, chunk)))
         errors = self.netlink.transact(requests)["errors"]
         failed = [errors[seq] for seq in inhibitions if errors.get(seq)]
         if failed:
             log.warning("the inhibitor set %s refused %d flows (%s): packets arriving during this hand-over "
                         "could make wrong entries", self.inhibitor_set, len(incoming), os.strerror(failed[0]))
         installed = []
-        for seq, entry in creates.items():
+        for seq, entry in creates:
             error = errors.get(seq)
             if error:
                 log.warning("session %s: the kernel refused the %s entry %s: %s", entry.stream.call_id,

@@ -155,26 +155,42 @@ _NAT_ENTRY4 = struct.Struct("=IHHII" "BBH" + _TUPLE4 + _TUPLE4 + _NAT4 + _NAT4 +
 _NAT_FLAGS = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
 
 
+# The packers run for every hand-over: the same few addresses again and again
+# (the relay's own in every message), and ports in network byte order from a
+# table instead of a call each.
+NET_PORT = tuple(socket.htons(port) for port in range(65536))
+_packed_ipv4 = {}
+
+
+def packed_ipv4(ip: str) -> bytes:
+    packed = _packed_ipv4.get(ip)
+    if packed is None:
+        if len(_packed_ipv4) > 65536:
+            _packed_ipv4.clear()
+        packed = _packed_ipv4[ip] = socket.inet_aton(ip)
+    return packed
+
+
 def _tuple4_values(kind, src, dst, sport, dport):
     return (52, kind | NLA_F_NESTED, 20, CTA_TUPLE_IP | NLA_F_NESTED, 8, CTA_IP_V4_SRC, src, 8, CTA_IP_V4_DST, dst,
             28, CTA_TUPLE_PROTO | NLA_F_NESTED, 5, CTA_PROTO_NUM, socket.IPPROTO_UDP,
-            6, CTA_PROTO_SRC_PORT, socket.htons(sport), 6, CTA_PROTO_DST_PORT, socket.htons(dport))
+            6, CTA_PROTO_SRC_PORT, NET_PORT[sport], 6, CTA_PROTO_DST_PORT, NET_PORT[dport])
 
 
 def _nat4_values(kind, ip, port):
     return (40, kind | NLA_F_NESTED, 8, CTA_NAT_V4_MINIP, ip, 8, CTA_NAT_V4_MAXIP, ip,
-            20, CTA_NAT_PROTO | NLA_F_NESTED, 6, CTA_PROTONAT_PORT_MIN, socket.htons(port),
-            6, CTA_PROTONAT_PORT_MAX, socket.htons(port))
+            20, CTA_NAT_PROTO | NLA_F_NESTED, 6, CTA_PROTONAT_PORT_MIN, NET_PORT[port],
+            6, CTA_PROTONAT_PORT_MAX, NET_PORT[port])
 
 
 def encode_nat_entry4(seq: int, orig: Tuple5, nat_dst: Address, nat_src: Address, timeout: int, mark: int) -> bytes:
     """encode_nat_entry for IPv4, packed at once."""
-    src, dst = socket.inet_aton(orig.src), socket.inet_aton(orig.dst)
+    src, dst = packed_ipv4(orig.src), packed_ipv4(orig.dst)
     return _NAT_ENTRY4.pack(_NAT_ENTRY4.size, MSG_NEW, _NAT_FLAGS, seq, 0, socket.AF_INET, 0, 0,
                             *_tuple4_values(CTA_TUPLE_ORIG, src, dst, orig.sport, orig.dport),
                             *_tuple4_values(CTA_TUPLE_REPLY, dst, src, orig.dport, orig.sport),
-                            *_nat4_values(CTA_NAT_DST, socket.inet_aton(nat_dst[0]), nat_dst[1]),
-                            *_nat4_values(CTA_NAT_SRC, socket.inet_aton(nat_src[0]), nat_src[1]),
+                            *_nat4_values(CTA_NAT_DST, packed_ipv4(nat_dst[0]), nat_dst[1]),
+                            *_nat4_values(CTA_NAT_SRC, packed_ipv4(nat_src[0]), nat_src[1]),
                             8, CTA_TIMEOUT, socket.htonl(timeout), 8, CTA_MARK, socket.htonl(mark))
 
 
@@ -192,7 +208,7 @@ def encode_delete(seq: int, flow: Tuple5) -> bytes:
     """Delete the entry that has `flow` as its original or its reply tuple."""
     if ":" not in flow.src:
         return _DELETE4.pack(_DELETE4.size, MSG_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, 0, socket.AF_INET, 0, 0,
-                             *_tuple4_values(CTA_TUPLE_ORIG, socket.inet_aton(flow.src), socket.inet_aton(flow.dst),
+                             *_tuple4_values(CTA_TUPLE_ORIG, packed_ipv4(flow.src), packed_ipv4(flow.dst),
                                              flow.sport, flow.dport))
     return _message(MSG_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, _family(flow.src), _tuple(CTA_TUPLE_ORIG, flow))
 

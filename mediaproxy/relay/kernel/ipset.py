@@ -12,6 +12,8 @@ import struct
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_IPSET
 
+from mediaproxy.relay.kernel.ctnetlink import NET_PORT, packed_ipv4
+
 IPSET_CMD_FLUSH, IPSET_CMD_ADD, IPSET_CMD_DEL = 4, 9, 10
 IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_DATA, IPSET_ATTR_ADT, IPSET_ATTR_LINENO = 1, 2, 7, 8, 9
 IPSET_ATTR_IP, IPSET_ATTR_PORT, IPSET_ATTR_PROTO, IPSET_ATTR_IP2 = 1, 4, 7, 20
@@ -49,11 +51,11 @@ def _data(flow) -> bytes:
     if ":" not in flow.src:
         return _DATA4.pack(44, IPSET_ATTR_DATA | NLA_F_NESTED,
                            12, IPSET_ATTR_IP | NLA_F_NESTED, 8, IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER,
-                           socket.inet_aton(flow.src),
-                           6, IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, socket.htons(flow.dport),
+                           packed_ipv4(flow.src),
+                           6, IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, NET_PORT[flow.dport],
                            5, IPSET_ATTR_PROTO, socket.IPPROTO_UDP,
                            12, IPSET_ATTR_IP2 | NLA_F_NESTED, 8, IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER,
-                           socket.inet_aton(flow.dst))
+                           packed_ipv4(flow.dst))
     return _data_general(flow)
 
 
@@ -67,23 +69,34 @@ def _data_general(flow) -> bytes:
                          _attr(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, socket.inet_aton(flow.dst))))
 
 
-def _members(command: int, seq: int, name: str, flows) -> bytes:
+class Members:
+    """Flows encoded once as set members, for the add and the delete of a hand-over."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, flows):
+        encoded = [_data(flow) for flow in flows]
+        self.count = len(encoded)
+        self.data = b"".join(encoded)
+
+
+def _members(command: int, seq: int, name: str, members: Members) -> bytes:
     """One message for several members: the kernel takes a list of them (IPSET_ATTR_ADT), as for restore."""
-    flows = list(flows)
-    if len(flows) == 1:
-        return _message(command, seq, _head(name) + _data(flows[0]))
+    if members.count == 1:
+        return _message(command, seq, _head(name) + members.data)
     # the kernel wants a line number with a list (restore reports errors by line)
     return _message(command, seq, _head(name) + _attr(IPSET_ATTR_LINENO, struct.pack("=I", 0))
-                    + _attr(IPSET_ATTR_ADT | NLA_F_NESTED, b"".join(_data(flow) for flow in flows)))
+                    + _attr(IPSET_ATTR_ADT | NLA_F_NESTED, members.data))
 
 
 def encode_add(seq: int, name: str, flows) -> bytes:
-    """Hold these flows' packets out of conntrack (a member added twice is no error)."""
-    return _members(IPSET_CMD_ADD, seq, name, flows)
+    """Hold these flows' packets out of conntrack (a member added twice is no error).
+    ``flows``: flows, or Members made of them."""
+    return _members(IPSET_CMD_ADD, seq, name, flows if isinstance(flows, Members) else Members(flows))
 
 
 def encode_del(seq: int, name: str, flows) -> bytes:
-    return _members(IPSET_CMD_DEL, seq, name, flows)
+    return _members(IPSET_CMD_DEL, seq, name, flows if isinstance(flows, Members) else Members(flows))
 
 
 def encode_flush(seq: int, name: str) -> bytes:
