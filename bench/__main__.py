@@ -18,8 +18,8 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FULL_LIMIT = 600        # seconds: a full run stops by itself after this
-SMOKE_LIMIT = 180
+FULL_LIMIT = 1500       # seconds: a full run stops by itself after this
+SMOKE_LIMIT = 300
 ACCOUNTING_LIMIT = 240  # seconds for bench.accounting's child (its servers and 1000 records a backend)
 ACCOUNTING_SMOKE_LIMIT = 90
 
@@ -71,6 +71,42 @@ def run_accounting(results, smoke: bool) -> None:
         sorted(set(answer["not_measured"].values()))) or "not measured"
 
 
+# Issue 8's benchmarks, each a module with KEYS and run(smoke, workdir) -> {"figures", "rows", "details",
+# "notes"} (bench/README); run in this order after the kernel path's and the accounting figures.
+MODULES = ("control", "userspace", "scale")
+
+
+def run_module(name: str, results, smoke: bool, workdir: Path) -> None:
+    """One issue-8 module; a failure costs its own figures only (None, with the reason)."""
+    import importlib
+
+    from bench.kernel import log
+
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ImportError as exc:
+        results.available[name] = f"bench/{name}.py cannot be imported: {exc}"
+        return
+    log(f"{name}: running")
+    started = time.time()
+    try:
+        answer = module.run(smoke, workdir / name)
+    except Stopped:
+        raise
+    except Exception as exc:        # the other modules' figures are still written
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        print(f"bench: {name} not measured: {reason}", file=sys.stderr)
+        results.numbers.update(dict.fromkeys(module.KEYS))
+        results.available[name] = reason
+        results.details[name] = {"error": reason}
+        return
+    results.numbers.update({key: answer["figures"].get(key) for key in module.KEYS})
+    results.details[name] = {"rows": answer.get("rows", []), "details": answer.get("details", {}),
+                             "seconds": round(time.time() - started, 1)}
+    results.notes.extend(f"{name}: {note}" for note in answer.get("notes", []))
+    results.available[name] = None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true",
@@ -82,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--udp-rounds", type=int, help="the same with the UDP-socket sender (default 1; 0: none)")
     parser.add_argument("--group-seconds", type=float, help="sending time per scenario in one blast, s (default 1.2)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and configs")
+    parser.add_argument("--only", help="comma list of what to run: kernel, accounting, " + ", ".join(MODULES)
+                        + " (default: all)")
     args = parser.parse_args(argv)
 
     from bench import kernel, report
@@ -111,9 +149,17 @@ def main(argv=None) -> int:
     signal.alarm(SMOKE_LIMIT if args.smoke else FULL_LIMIT)
     workdir = Path(tempfile.mkdtemp(prefix="mpb-work-"))
     started = time.time()
+    wanted = set(args.only.split(",")) if args.only else {"kernel", "accounting", *MODULES}
+    unknown = wanted - {"kernel", "accounting", *MODULES}
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
     try:
-        results = kernel.run(opts, workdir)
-        run_accounting(results, args.smoke)
+        results = kernel.run(opts, workdir) if "kernel" in wanted else kernel.Results()
+        if "accounting" in wanted:
+            run_accounting(results, args.smoke)
+        for name in MODULES:
+            if name in wanted:
+                run_module(name, results, args.smoke, workdir)
     except Stopped as exc:
         print(f"bench: {exc}; namespaces and daemons removed; logs in {workdir}", file=sys.stderr)
         return 1

@@ -58,6 +58,80 @@ def _fmt(value, digits: int = 0) -> str:
     return str(value)
 
 
+# Issue 8: every key of results.json it names, with its target: (key, what it is, reference key or None,
+# target as (comparison, number) on the value or on value/reference).
+ISSUE8 = (
+    ("control_rate_1", "control plane: sessions/s (update, update, remove) from 1 client", "control_rate_1_rtpengine",
+     (">=", 0.5)),
+    ("control_rate_8", "control plane: sessions/s from 8 concurrent clients", "control_rate_8_rtpengine", (">=", 0.8)),
+    ("control_p99_ms", "control plane: p99 latency of a request at 80% of the peak rate (ms)", None, ("<", 5)),
+    ("concurrent_calls", "concurrent calls one relay holds in the kernel (descriptor limit 20,000)", None,
+     (">=", 10000)),
+    ("memory_per_call_kb", "memory of relay + dispatcher per call (KB)", None, ("<", 5)),
+    ("cpu_percent_at_max_calls", "CPU of both daemons while the kernel carries them (% of a core)", None, ("<", 5)),
+    ("sampling_ms_5000", "one traffic sampling pass at 5,000 kernel entries (ms)", None, ("<", 5)),
+    ("sampling_ms_20000", "one traffic sampling pass at 20,000 kernel entries (ms)", None, None),
+    ("expiry_burst_lost", "streams lost of 5,000 expiring in the same second", None, ("<=", 0)),
+    ("userspace_pps_ratio", "user-space forwarding, packets/s against a minimal Twisted forwarder", None,
+     (">=", 0.8)),
+    ("kernel_pps_ratio_1", "kernel path, packets/s against hand-made conntrack entries, 1 stream", None,
+     (">=", KERNEL_RATIO_TARGET)),
+    ("kernel_pps_ratio_1000", "the same, 1000 streams", None, (">=", KERNEL_RATIO_TARGET)),
+    ("entries_installed_per_s", "kernel entries installed per second", None, (">=", ENTRIES_TARGET)),
+    ("restart_restore_s_10000", "dispatcher restart with 10,000 sessions: restored and reconciled (s)", None,
+     ("<", 2)),
+)
+
+
+def _judge(value, target) -> str:
+    if target is None:
+        return ""
+    if value is None:
+        return "not measured"
+    comparison, limit = target
+    ok = {">=": value >= limit, "<": value < limit, "<=": value <= limit}[comparison]
+    return "met" if ok else "**missed**"
+
+
+def summary_lines(results) -> list[str]:
+    n = results.numbers
+    lines = ["## Issue 8: every figure and its target", "",
+             "| Figure | Key | Value | Reference | Ratio | Target | |", "|---|---|---|---|---|---|---|"]
+    for key, title, reference_key, target in ISSUE8:
+        value = n.get(key)
+        reference = n.get(reference_key) if reference_key else None
+        ratio = value / reference if value is not None and reference else None
+        judged = ratio if reference_key else value
+        shown_target = f"{target[0]} {target[1]:g}" + (" of the reference" if reference_key else "") if target else ""
+        lines.append(f"| {title} | `{key}` | {_fmt(value, 2 if isinstance(value, float) and value < 100 else 0)} | "
+                     f"{_fmt(reference) if reference_key else ''}{' (`' + reference_key + '`)' if reference_key else ''} | "
+                     f"{_fmt(ratio, 3) if ratio is not None else ''} | {shown_target} | {_judge(judged, target)} |")
+    lines.append("")
+    return lines
+
+
+def module_lines(results, name: str, title: str) -> list[str]:
+    """The section of an issue-8 module: its own rows (figure, value, reference, ratio, target, status)."""
+    block = results.details.get(name)
+    if block is None:
+        return []
+    lines = [f"## {title}", ""]
+    if "error" in block:
+        return lines + [f"Not measured: {block['error']}", ""]
+    lines += [f"(`python -m bench.{name}`, {block.get('seconds', '?')} s)", "",
+              "| Figure | Value | Reference | Ratio | Target | |", "|---|---|---|---|---|---|"]
+    for row in block.get("rows", []):
+        cells = [row.get(k) for k in ("figure", "value", "reference", "ratio", "target", "status")]
+        lines.append("| " + " | ".join("" if c is None else (_fmt(c, 3) if isinstance(c, float) else str(c))
+                                       for c in cells) + " |")
+    lines.append("")
+    return lines
+
+
+MODULE_TITLES = (("control", "Control plane (issue 8 item 1)"), ("userspace", "User-space forwarding (issue 8 item 5)"),
+                 ("scale", "Scale: concurrent calls, memory, CPU, sampling, expiry, restart (issue 8 items 2-4, 7)"))
+
+
 def _streams(s) -> str:
     return f"{s} stream" if int(s) == 1 else f"{s} streams"
 
@@ -105,6 +179,15 @@ def markdown(results, opts, info: dict, elapsed: float) -> str:
               f"at the start {' '.join(results.details.get('loadavg_start', []))}, at the end "
               f"{' '.join(info['loadavg_end'])}: other work on the machine during the run shows as noise in "
               f"the absolute figures; the ratios are taken within each blast.", ""]
+
+    lines += summary_lines(results)
+    for name, title in MODULE_TITLES:
+        lines += module_lines(results, name, title)
+    if not n.get("kernel_pps_ratio_1") and "phase_c" not in results.details:
+        lines += accounting_lines(results)
+        if results.notes:
+            lines += ["## Notes from this run", ""] + [f"- {note}" for note in results.notes] + [""]
+        return "\n".join(lines)
 
     lines += ["## Kernel path (issue 4; issue 8 item 6)", "",
               "Packets per second delivered at the callee (G.711-sized datagrams, 172 bytes of payload), the "
