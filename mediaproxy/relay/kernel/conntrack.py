@@ -13,6 +13,7 @@ flows leave the set again. A packet arriving meanwhile reaches the relay's
 socket untracked instead of creating a wrong entry.
 """
 
+import errno
 import logging
 import os
 import socket
@@ -211,6 +212,24 @@ class ConntrackTable:
         caller.kernel_bytes[c] = kernel_entry.orig_bytes - IPV4_UDP_HEADERS * kernel_entry.orig_packets
         callee.kernel_packets[c] = kernel_entry.reply_packets
         callee.kernel_bytes[c] = kernel_entry.reply_bytes - IPV4_UDP_HEADERS * kernel_entry.reply_packets
+
+    def confirm_gone(self, entries) -> list:
+        """Of entries a dump did not list, the ones the kernel really no longer has (a dump
+        of a table that changes meanwhile may miss one); the others are counted."""
+        requests, gets = [], {}
+        for entry in entries:
+            seq = self.netlink.next_seq()
+            requests.append((seq, ctnetlink.encode_get(seq, entry.orig)))
+            gets[seq] = entry
+        answer = self.netlink.transact(requests)
+        gone = []
+        for seq, entry in gets.items():
+            found = answer["entries"].get(seq)
+            if found is not None:
+                self.count(entry, found)
+            elif answer["errors"].get(seq) == errno.ENOENT:
+                gone.append(entry)
+        return gone
 
     def refresh_counters(self) -> set:
         """Read every entry of ours; returns the ones the kernel no longer has."""

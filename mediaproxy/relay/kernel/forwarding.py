@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from mediaproxy.relay.kernel.conntrack import IPV4_UDP_HEADERS, ConntrackTable, entry_for, udp_stream_timeout
 from mediaproxy.relay.kernel.iptables import IptablesError
-from mediaproxy.relay.kernel.netlink import EventSocket, NetlinkError
+from mediaproxy.relay.kernel.netlink import DumpSocket, EventSocket, NetlinkError
 from mediaproxy.relay.kernel.parking import PortParking
 from mediaproxy.relay.streams import CALLER, CONNTRACK_TIMEOUT, RTP
 from mediaproxy.relay.userspace import UserspaceForwarding
@@ -44,6 +44,63 @@ class _EventReader:
         return "conntrack-events"
 
 
+@implementer(IReadDescriptor)
+class _TableReader:
+    """The periodic read of the table, a part per reactor turn; `finished(missing)` gets the
+    entries that were ours when it started and that it did not find."""
+
+    def __init__(self, table: ConntrackTable, reactor, finished):
+        self.table = table
+        self.reactor = reactor
+        self.finished = finished
+        self.dump = DumpSocket()
+        self.expected = None
+        self.seen = None
+
+    def fileno(self):
+        return self.dump.fileno()
+
+    @property
+    def running(self) -> bool:
+        return self.expected is not None
+
+    def start(self) -> None:
+        self.expected, self.seen = dict(self.table.by_orig), set()
+        self.dump.start(self.table.mark)
+        self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        if self.running:
+            self.reactor.removeReader(self)
+            self.expected = None
+        self.dump.close()
+
+    def doRead(self):
+        table = self.table
+        try:
+            kernel_entries, done = self.dump.read()
+        except (NetlinkError, OSError) as e:
+            log.error("could not read the kernel's conntrack table: %s", e)
+            kernel_entries, done, self.seen = [], True, None
+        for kernel_entry in kernel_entries:
+            entry = table.by_orig.get(kernel_entry.orig)
+            if entry is not None:
+                table.count(entry, kernel_entry)
+                self.seen.add(kernel_entry.orig)
+        if done:
+            self.reactor.removeReader(self)
+            expected, seen, self.expected = self.expected, self.seen, None
+            missing = [] if seen is None else [
+                entry for orig, entry in expected.items() if orig not in seen and table.by_orig.get(orig) is entry]
+            self.finished(missing)
+
+    def connectionLost(self, reason):
+        pass
+
+    def logPrefix(self):
+        return "conntrack-table"
+
+
 class KernelForwarding(UserspaceForwarding):
     def __init__(self, ip: str, reactor, table: ConntrackTable, events: EventSocket, port_range=None):
         super().__init__(ip, reactor)
@@ -57,6 +114,7 @@ class KernelForwarding(UserspaceForwarding):
         self._kernel_bytes = 0
         self._reader = _EventReader(events, self._destroyed)
         reactor.addReader(self._reader)
+        self._table_reader = _TableReader(table, reactor, self._reaped)
         self._reap_call = None
         self._schedule_reap()
 
@@ -65,6 +123,7 @@ class KernelForwarding(UserspaceForwarding):
             self._reap_call.cancel()
         self.reactor.removeReader(self._reader)
         self.events.close()
+        self._table_reader.stop()
         self.parking.stop()
 
     # StreamListener
@@ -168,11 +227,26 @@ class KernelForwarding(UserspaceForwarding):
     def _reap(self) -> None:
         """The kernel sends an entry's destroy event only when its garbage collection gets to
         it, up to a minute after the entry timed out; reading the table removes expired
-        entries at once. So while we have entries, read it a few times per UDP timeout."""
+        entries at once. So while we have entries, read it a few times per UDP timeout
+        (a part per reactor turn: with thousands of entries it takes long)."""
         self._reap_call = None
-        if len(self.table):
-            self._entries_ended(self._read_table())
+        if len(self.table) and not self._table_reader.running:
+            try:
+                self._table_reader.start()
+            except OSError as e:
+                log.error("could not read the kernel's conntrack table: %s", e)
         self._schedule_reap()
+
+    def _reaped(self, missing) -> None:
+        gone = []
+        if missing:
+            try:
+                gone = self.table.confirm_gone(missing)
+            except (NetlinkError, OSError) as e:
+                log.error("could not read the kernel's conntrack table: %s", e)
+            for entry in gone:
+                self.table.ended(entry)
+        self._entries_ended(gone)
 
     def _schedule_reap(self) -> None:
         interval = min(max(udp_stream_timeout() / 4, MIN_REAP_INTERVAL), MAX_REAP_INTERVAL)
