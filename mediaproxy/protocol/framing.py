@@ -59,29 +59,28 @@ class LineSplitter:
     def feed(self, data: bytes) -> list:
         self._buffer += data
         lines = []
-        while True:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > self.max_line_length + 1:     # +1: its \r may be there already
-                    del self._buffer[:]
-                    if not self._discarding:
-                        self._discarding = True
-                        lines.append(FramingError("line too long"))
-                break
-            raw = bytes(self._buffer[:end])
-            del self._buffer[:end + 1]
-            if self._discarding:
-                self._discarding = False
-                continue
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            if len(raw) > self.max_line_length:
+        if b"\n" in data:          # the buffer holds no line end from before: only new data can end lines
+            *complete, rest = bytes(self._buffer).split(b"\n")
+            self._buffer = bytearray(rest)
+            limit = self.max_line_length
+            for raw in complete:
+                if self._discarding:
+                    self._discarding = False
+                    continue
+                if raw[-1:] == b"\r":
+                    raw = raw[:-1]
+                if len(raw) > limit:
+                    lines.append(FramingError("line too long"))
+                    continue
+                try:
+                    lines.append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    lines.append(FramingError("line is not valid UTF-8"))
+        if len(self._buffer) > self.max_line_length + 1:     # +1: its \r may be there already
+            del self._buffer[:]
+            if not self._discarding:
+                self._discarding = True
                 lines.append(FramingError("line too long"))
-                continue
-            try:
-                lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                lines.append(FramingError("line is not valid UTF-8"))
         return lines
 
 

@@ -1,5 +1,6 @@
 """Values of the proxy module's `media` and `signaling_ip` headers (sans-IO)."""
 
+import functools
 import ipaddress
 import json
 import re
@@ -45,9 +46,16 @@ class MediaDescription:
 
 def parse_ip(text: str) -> str:
     try:
-        return str(ipaddress.ip_address(text.strip()))
+        return _normal_ip(text.strip())
     except ValueError:
         raise MediaError("%r is not an IP address" % text[:64]) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _normal_ip(text: str) -> str:
+    """The canonical text of an address; every request names a few, mostly the same (the proxy's,
+    the phones'): remembered, as ipaddress takes microseconds. A ValueError is not remembered."""
+    return str(ipaddress.ip_address(text))
 
 
 def parse_stream(text: str) -> MediaDescription:

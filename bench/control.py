@@ -1,0 +1,468 @@
+"""Control-plane benchmark (issue 8 item 1): sessions set up and torn down per
+second, as the SIP proxy's module does it, against Debian's rtpengine.
+
+    python -m bench.control [--smoke] [--keep-logs]      # as root; prints the result dict as JSON
+
+Ours: media-dispatcher and media-relay (real processes, scripts/, mutual TLS
+with certificates from tls/make-certs, the relay with ``kernel_forwarding =
+no``: the control path only) in the benchmark's relay namespace
+(bench/relay.py Daemons, bench/topology.py RoutedTopology). A session is what
+the OpenSIPS/Kamailio mediaproxy module sends over the dispatcher's UNIX
+socket: ``update`` (the caller's INVITE, one audio stream), ``update`` (the
+callee's 200 OK), ``remove`` (BYE); the dispatcher forwards each to the relay
+over TLS, the relay binds two RTP/RTCP port pairs on the offer.
+
+The reference: rtpengine (/usr/bin/rtpengine) in the same namespace, in user
+space (``--table=-1``), ng protocol on 127.0.0.1 UDP: ``offer``, ``answer``,
+``delete`` with the same SDP (the one the mediaproxy module's ``media`` header
+describes); its answers must say ``"result": "ok"`` and carry the SDP
+rewritten to its address and a port it allocated.
+
+Clients (bench/control_client.py): separate processes, blocking sockets,
+plain Python, the same loop for both servers; each a run of sequential
+sessions with distinct call ids. Scenarios, interleaved round after round
+(the machine's speed drifts; see bench/README) and medians taken:
+
+  ours-1, rtpengine-1, ours-8, rtpengine-8      closed loop, 1 and 8 clients
+  open-loop, 8 clients at 80 % of our 8-client peak (each request sent at its
+  scheduled time, its latency counted from that time): ours, then rtpengine
+  at the same rate for reference.
+
+Figures: control_rate_1, control_rate_1_rtpengine, control_rate_8,
+control_rate_8_rtpengine (sessions/s), control_p99_ms (ours, open loop).
+Targets (issue 8): rate ratio >= 0.5 with 1 client, >= 0.8 with 8, p99 < 5 ms.
+The clients' and the daemons' CPU during every run are in "details".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+KEYS = ("control_rate_1", "control_rate_1_rtpengine", "control_rate_8", "control_rate_8_rtpengine",
+        "control_p99_ms")
+TARGET_RATIO_1 = 0.5
+TARGET_RATIO_8 = 0.8
+TARGET_P99_MS = 5.0
+OPEN_LOOP_LOAD = 0.8
+
+RTPENGINE = "/usr/bin/rtpengine"
+NG_PORT = 22222
+OUR_PORTS = (30000, 40000)              # the relay's port_range: 5000 pairs
+RTPENGINE_PORTS = (40000, 49999)        # rtpengine's --port-min/--port-max
+CALLER_SDP_IP = "198.18.1.10"           # what the SDP says (no media is sent)
+CALLEE_SDP_IP = "198.18.2.20"
+PDEATHSIG = ("setpriv", "--pdeathsig", "KILL")
+KINDS = ("offer", "answer", "remove")
+SERVERS = ("ours", "rtpengine")
+
+
+class Options:
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+        self.clients = 8
+        self.rounds = 1 if smoke else 5
+        self.seconds = 0.4 if smoke else 2.5          # one closed-loop run
+        self.open_rounds = 1 if smoke else 3
+        self.open_seconds = 0.5 if smoke else 4.0      # one open-loop run
+        self.warmup = 0.2 if smoke else 1.0
+
+
+def log(message: str) -> None:
+    print(f"[bench.control {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values, q: float):
+    if not values:
+        return None
+    values = sorted(values)
+    index = min(len(values) - 1, max(0, int(round(q / 100.0 * len(values) + 0.5)) - 1))
+    return values[index]
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# -- the reference --
+
+def start_rtpengine(manager, topo, relay_ip: str):
+    ns = topo.ns("relay")
+    process = manager.start("rtpengine", [
+        RTPENGINE, "--config-file=none", "--foreground", "--log-stderr", "--log-level=4", "--table=-1",
+        f"--interface={relay_ip}", f"--listen-ng=127.0.0.1:{NG_PORT}",
+        f"--port-min={RTPENGINE_PORTS[0]}", f"--port-max={RTPENGINE_PORTS[1]}",
+        "--delete-delay=0",                 # ports and calls go at `delete` (else kept 30 s: the range would run out)
+        "--pidfile=/dev/null"], netns=ns)
+    # ready when it answers a ping
+    from bench.control_client import bdecode, bencode
+    from tests.support.netns import socket_in_netns
+    import socket
+
+    deadline = time.monotonic() + 15
+    while True:
+        process.assert_running()
+        with socket_in_netns(ns, type=socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.2)
+            try:
+                sock.sendto(b"probe " + bencode({"command": "ping"}), ("127.0.0.1", NG_PORT))
+                data = sock.recv(4096)
+                if bdecode(data.partition(b" ")[2]).get("result") == b"pong":
+                    return process
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rtpengine does not answer on 127.0.0.1:{NG_PORT}:\n{process.tail()}")
+        time.sleep(0.1)
+
+
+# -- the clients --
+
+class Clients:
+    """Client processes (bench/control_client.py) in the relay namespace, kept across runs."""
+
+    def __init__(self, topo, count: int, log_dir: Path):
+        self.procs = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            with open(log_dir / f"client-{index}.log", "ab") as err:
+                self.procs.append(subprocess.Popen(
+                    [*PDEATHSIG, *topo.command("relay", [sys.executable, "-m", "bench.control_client"])],
+                    cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1))
+        for proc in self.procs:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError("a control client did not start (see its log)")
+
+    def run(self, jobs: list[dict], timeout: float) -> list[dict]:
+        for proc, job in zip(self.procs, jobs):
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+        answers = []
+        deadline = time.monotonic() + timeout
+        for proc, job in zip(self.procs, jobs):
+            import select
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([proc.stdout], [], [], max(remaining, 0))
+            if not ready:
+                raise RuntimeError(f"a control client did not answer within {timeout:.0f} s")
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError("a control client exited")
+            answer = json.loads(line)
+            if "fatal" in answer:
+                raise RuntimeError(f"a control client failed on {job['server']}: {answer['fatal']}")
+            answers.append(answer)
+        return answers
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                    proc.stdin.close()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+class Bench:
+    def __init__(self, opts: Options, topo, clients: Clients, daemons, rtpengine, relay_ip: str):
+        self.opts = opts
+        self.topo = topo
+        self.clients = clients
+        self.daemons = daemons
+        self.rtpengine = rtpengine
+        self.relay_ip = relay_ip
+        self.job_id = 0
+
+    def pids(self, daemons=None) -> dict:
+        pids = dict((daemons or self.daemons).pids())
+        if self.rtpengine is not None and daemons is None:
+            pids["rtpengine"] = self.rtpengine.command_pid
+        return pids
+
+    def run(self, server: str, clients: int, seconds: float, mode: str = "closed",
+            session_rate: float | None = None, daemons=None) -> dict:
+        """One run: `clients` clients on `server` ("ours" or "rtpengine") for `seconds`; the summary
+        (and raw latencies). `daemons`: another dispatcher + relay to measure instead of ours (A/B)."""
+        from bench.relay import cpu_seconds
+
+        self.job_id += 1
+        start = time.monotonic() + 0.15          # every client connected and waiting
+        jobs = []
+        for index in range(clients):
+            job = {"server": server, "prefix": f"b{os.getpid()}-{self.job_id}-{index}", "start": start,
+                   "end": start + seconds, "mode": mode, "index": index, "clients": clients,
+                   "caller": CALLER_SDP_IP, "callee": CALLEE_SDP_IP, "relay_ip": self.relay_ip,
+                   "port0": 2000 + 20 * index}
+            if server == "ours":
+                job["target"] = str((daemons or self.daemons).socket_path)
+            else:
+                job["target"] = ["127.0.0.1", NG_PORT]
+                job["ports"] = RTPENGINE_PORTS
+            if mode == "open":
+                job["request_rate"] = 3 * session_rate
+            jobs.append(job)
+        pids = self.pids(daemons)
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        answers = self.clients.run(jobs, timeout=seconds + 30)
+        cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        first = min(a["first"] for a in answers)
+        last = max(a["last"] for a in answers)
+        window = max(last - first, 1e-6)
+        sessions = sum(a["sessions"] for a in answers)
+        errors = sum(a["errors"] for a in answers)
+        latencies = {kind: [v for a in answers for v in a["latency_us"][kind]] for kind in KINDS}
+        summary = {
+            "server": server, "clients": clients, "mode": mode, "seconds": round(window, 3),
+            "sessions": sessions, "errors": errors, "rate": round(sessions / window, 1),
+            "failures": [f for a in answers for f in a["failures"]][:5],
+            "latency_ms": {kind: {"p50": _ms(percentile(v, 50)), "p99": _ms(percentile(v, 99)), "n": len(v)}
+                           for kind, v in latencies.items()},
+            "all_p99_ms": _ms(percentile([x for v in latencies.values() for x in v], 99)),
+            # CPU cores used during the run: the clients together, and each daemon
+            "clients_cpu": round(sum(a["cpu"] for a in answers) / window, 3),
+            "daemons_cpu": {name: round((cpu_after[name] - cpu_before[name]) / window, 3) for name in pids},
+        }
+        if mode == "open":
+            summary["offered_rate"] = round(session_rate, 1)
+        summary["_latencies"] = latencies
+        return summary
+
+
+def _ms(us):
+    return None if us is None else round(us / 1000.0, 3)
+
+
+def _pooled(runs, kind=None, q=99):
+    values = [x for r in runs for k, v in r["_latencies"].items() if kind in (None, k) for x in v]
+    return _ms(percentile(values, q))
+
+
+def _row(figure, value, reference=None, ratio=None, target=None, status=None):
+    return {"figure": figure, "value": value, "reference": reference, "ratio": ratio, "target": target,
+            "status": status}
+
+
+def _status(smoke: bool, ok) -> str:
+    if smoke:
+        return "not checked (smoke)"
+    if ok is None:
+        return "not measured"
+    return "met" if ok else "missed"
+
+
+@contextlib.contextmanager
+def environment(opts: Options, workdir: Path, reference: bool = True):
+    """The relay namespace with media-dispatcher, media-relay, rtpengine (if `reference`) and the
+    client processes; everything is stopped and removed on the way out, also on failure."""
+    from bench.relay import Daemons
+    from bench.topology import RELAY_IP, RoutedTopology
+    from tests.support.processes import ProcessManager
+
+    if reference and not os.access(RTPENGINE, os.X_OK):
+        raise RuntimeError(f"{RTPENGINE} is missing: apt-get install rtpengine-daemon (make deps)")
+    manager = ProcessManager(workdir / "logs")
+    daemons = clients = None
+    with RoutedTopology() as topo:
+        try:
+            daemons = Daemons(topo, workdir, manager, OUR_PORTS)
+            daemons.start(relay_options={"kernel_forwarding": "no"})
+            rtpengine = start_rtpengine(manager, topo, RELAY_IP) if reference else None
+            clients = Clients(topo, opts.clients, workdir / "logs")
+            yield Bench(opts, topo, clients, daemons, rtpengine, RELAY_IP)
+        finally:
+            if clients is not None:
+                clients.stop()
+            manager.stop_all()
+            if daemons is not None:
+                daemons.cleanup()
+
+
+def run(smoke: bool, workdir: Path) -> dict:
+    opts = Options(smoke)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    figures = dict.fromkeys(KEYS)
+    details: dict = {"loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+                     "options": {k: v for k, v in vars(opts).items()}}
+    notes: list[str] = []
+    rows: list[dict] = []
+    runs: list[dict] = []
+    with environment(opts, workdir) as bench:
+        log("daemons, rtpengine and clients up; warming up")
+        for server in SERVERS:
+            warm = bench.run(server, opts.clients, opts.warmup)
+            if warm["errors"] or not warm["sessions"]:
+                raise RuntimeError(f"{server}: warm-up failed: {warm['failures']}")
+
+        # -- closed loop, interleaved: ours-1, rtpengine-1, ours-8, rtpengine-8, per round --
+        for round_ in range(opts.rounds):
+            for clients_n in (1, opts.clients):
+                for server in SERVERS:
+                    r = bench.run(server, clients_n, opts.seconds)
+                    r["round"] = round_
+                    runs.append(r)
+                    log(f"round {round_ + 1}/{opts.rounds} {server}, {clients_n} client(s): {r['rate']:.0f} "
+                        f"sessions/s, p99 {r['all_p99_ms']} ms, clients' CPU {r['clients_cpu']:.2f}, "
+                        f"errors {r['errors']}")
+
+        def of(server, n, mode="closed"):
+            return [r for r in runs if r["server"] == server and r["clients"] == n and r["mode"] == mode]
+
+        def round_ratios(n):
+            out = []
+            for round_ in range(opts.rounds):
+                ours = [r for r in of("ours", n) if r["round"] == round_]
+                ref = [r for r in of("rtpengine", n) if r["round"] == round_]
+                if ours and ref and ref[0]["rate"] > 0:
+                    out.append(ours[0]["rate"] / ref[0]["rate"])
+            return out
+
+        for n, key in ((1, "control_rate_1"), (opts.clients, "control_rate_8")):
+            figures[key] = median([r["rate"] for r in of("ours", n)])
+            figures[key + "_rtpengine"] = median([r["rate"] for r in of("rtpengine", n)])
+
+        # -- open loop at 80 % of our 8-client peak: ours and rtpengine at that same rate --
+        peak = max(r["rate"] for r in of("ours", opts.clients))
+        offered = OPEN_LOOP_LOAD * median([r["rate"] for r in of("ours", opts.clients)])
+        for round_ in range(opts.open_rounds):
+            for server in SERVERS:
+                r = bench.run(server, opts.clients, opts.open_seconds, mode="open", session_rate=offered)
+                r["round"] = round_
+                runs.append(r)
+                log(f"open loop {round_ + 1}/{opts.open_rounds} {server} at {offered:.0f} sessions/s: "
+                    f"{r['rate']:.0f} done, p99 {r['all_p99_ms']} ms, errors {r['errors']}")
+        open_ours, open_ref = of("ours", opts.clients, "open"), of("rtpengine", opts.clients, "open")
+        figures["control_p99_ms"] = _pooled(open_ours)
+        ref_p99 = _pooled(open_ref)
+
+        errors = sum(r["errors"] for r in runs)
+        if errors:
+            notes.append(f"{errors} requests failed: {[f for r in runs for f in r['failures']][:5]}")
+
+        # -- the table --
+        for n, key, target in ((1, "control_rate_1", TARGET_RATIO_1),
+                               (opts.clients, "control_rate_8", TARGET_RATIO_8)):
+            ratios = round_ratios(n)
+            ratio = median(ratios)
+            rows.append(_row(f"sessions/s (update+update+remove), {n} client{'s' if n > 1 else ''}",
+                             figures[key], figures[key + "_rtpengine"],
+                             None if ratio is None else round(ratio, 3), f">= {target} x rtpengine",
+                             _status(smoke, None if ratio is None else ratio >= target)))
+            details[f"ratios_{n}"] = [round(x, 3) for x in ratios]
+        p99 = figures["control_p99_ms"]
+        rows.append(_row(f"p99 latency ms, open loop at 80% of our peak ({offered:.0f} sessions/s, "
+                         f"{opts.clients} clients)", p99, ref_p99,
+                         None if not (p99 and ref_p99) else round(p99 / ref_p99, 2), f"< {TARGET_P99_MS} ms",
+                         _status(smoke, None if p99 is None else p99 < TARGET_P99_MS)))
+        for n in (1, opts.clients):
+            for kind in KINDS:
+                for q in (50, 99):
+                    ours_v = _pooled(of("ours", n), kind, q)
+                    ref_v = _pooled(of("rtpengine", n), kind, q)
+                    rows.append(_row(f"{kind} p{q} ms, {n} client{'s' if n > 1 else ''} (closed loop)", ours_v,
+                                     ref_v, None if not (ours_v and ref_v) else round(ours_v / ref_v, 2),
+                                     None, "info"))
+        for kind in KINDS:
+            ours_v, ref_v = _pooled(open_ours, kind, 99), _pooled(open_ref, kind, 99)
+            rows.append(_row(f"{kind} p99 ms, open loop", ours_v, ref_v,
+                             None if not (ours_v and ref_v) else round(ours_v / ref_v, 2), None, "info"))
+
+        # -- where the time goes --
+        def mean_of(rs, path):
+            values = []
+            for r in rs:
+                v = r
+                for p in path:
+                    v = v.get(p) if isinstance(v, dict) else None
+                values.append(v)
+            return median(values)
+
+        for n in (1, opts.clients):
+            for server in SERVERS:
+                rs = of(server, n)
+                cpu = {name: mean_of(rs, ("daemons_cpu", name)) for name in bench.pids()}
+                notes.append(
+                    f"{server}, {n} client(s): {median([r['rate'] for r in rs]):.0f} sessions/s; CPU cores busy "
+                    f"(median): clients {mean_of(rs, ('clients_cpu',)):.2f}, " +
+                    ", ".join(f"{name} {value:.2f}" for name, value in cpu.items() if value is not None and
+                              (server == 'ours') == (name != 'rtpengine')))
+        notes.append("the machine has %d CPUs shared by the clients and the servers: a client's CPU is taken "
+                     "from the server it measures (each client is a blocking Python loop, ~%.0f us of its own "
+                     "CPU a session)" % (os.cpu_count() or 1, _client_cost_us(runs)))
+        notes.append(f"open loop: {offered:.0f} sessions/s offered (80% of the median 8-client rate; best run "
+                     f"{peak:.0f}); p99 of every request, latency from its scheduled time")
+        details["runs"] = [{k: v for k, v in r.items() if k != "_latencies"} for r in runs]
+        details["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    return {"figures": figures, "rows": rows, "details": details, "notes": notes}
+
+
+def _client_cost_us(runs) -> float:
+    costs = [r["clients_cpu"] * r["seconds"] / r["sessions"] * 1e6 for r in runs
+             if r["mode"] == "closed" and r["sessions"]]
+    return median(costs) or 0.0
+
+
+class _Stopped(BaseException):
+    pass
+
+
+def _stop(signum, frame):
+    for other in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(other, signal.SIG_IGN)
+    raise _Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.control", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, no target checked")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs and configs")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.control: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    for signum in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+    signal.alarm(100 if args.smoke else 300)
+    workdir = Path(tempfile.mkdtemp(prefix="mpb-control-"))
+    try:
+        result = run(args.smoke, workdir)
+    except _Stopped as exc:
+        print(f"bench.control: {exc}; namespaces and daemons removed; logs in {workdir}", file=sys.stderr)
+        return 1
+    finally:
+        signal.alarm(0)
+    print(json.dumps(result, indent=1))
+    if args.keep_logs:
+        print(f"bench.control: logs in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
