@@ -101,6 +101,7 @@ class MediaStream:
         self.status = None                # set when the stream ends: closed, rejected, ... timeout
         self.timeout_wait = 0
         self._routable = routable
+        self._routable_ips = {}           # ip -> routable(ip): asked once, not for every packet
 
     @property
     def ended(self) -> bool:
@@ -156,36 +157,55 @@ class MediaStream:
 
     def on_packet(self, party: str, component: int, source, data: bytes, now: float):
         """A packet from `party`'s side: where to send it, as (out_port, destination), or None to drop."""
+        # The per-packet path of user-space forwarding: the common case (a latched party, media
+        # seen, codec known) takes no call and as few lookups as possible.
         if self.end_time is not None:
             return None
-        leg = self.legs[party]
-        latched = leg.latched[component]
-        if latched is None:
-            leg.latched[component] = latched = source
-        elif latched != source:
-            leg.dropped += 1
-            return None
+        legs = self.legs
+        leg = legs[party]
+        latched = leg.latched
+        if latched[component] != source:
+            if latched[component] is not None:
+                leg.dropped += 1
+                return None
+            latched[component] = source
         leg.packets[component] += 1
         leg.bytes[component] += len(data)
         self.last_activity = now
-        peer = self.legs[other_party(party)]
-        if not leg.media_seen[component] and not is_stun(data):
-            # STUN is relayed but never hands a stream to the kernel: ICE may still move it.
-            leg.media_seen[component] = True
-            if leg.first_packet_time is None:
-                leg.first_packet_time = now
-                if self.first_media_time is None:
-                    self.first_media_time = now
-            if peer.media_seen[component]:
-                self.listener.latched(self, component)
-        if component == RTP and leg.codec is None:
+        peer = legs[CALLEE if party == CALLER else CALLER]
+        if not leg.media_seen[component]:
+            self._media_check(leg, peer, component, data, now)
+        if leg.codec is None and component == RTP:
             payload_type = rtp_payload_type(data)
             if payload_type is not None:
                 leg.codec = codec_name(payload_type)
         destination = peer.latched[component]
-        if destination is None and peer.sdp_address is not None and self._routable(peer.sdp_address[0]):
-            ip, port = peer.sdp_address
-            destination = (ip, port + component)
         if destination is None:
-            return None
+            destination = self._sdp_destination(peer, component)
+            if destination is None:
+                return None
         return peer.port + component, destination
+
+    def _media_check(self, leg: Leg, peer: Leg, component: int, data: bytes, now: float) -> None:
+        """Until a party's first packet other than STUN: STUN is relayed but never hands a
+        stream to the kernel (ICE may still move it)."""
+        if is_stun(data):
+            return
+        leg.media_seen[component] = True
+        if leg.first_packet_time is None:
+            leg.first_packet_time = now
+            if self.first_media_time is None:
+                self.first_media_time = now
+        if peer.media_seen[component]:
+            self.listener.latched(self, component)
+
+    def _sdp_destination(self, peer: Leg, component: int):
+        """Before the peer latched: its SDP address, if it may be sent to."""
+        address = peer.sdp_address
+        if address is None:
+            return None
+        ip, port = address
+        routable = self._routable_ips.get(ip)
+        if routable is None:
+            routable = self._routable_ips[ip] = bool(self._routable(ip))
+        return (ip, port + component) if routable else None
