@@ -5,6 +5,7 @@ with the reply text; opens and closes port pairs through the injected
 Forwarding. Nothing here knows about Twisted or sockets.
 """
 
+import functools
 import json
 import logging
 
@@ -28,7 +29,8 @@ class RelayCore:
         self.advertised_ip = advertised_ip
         self.ports = ports
         self.forwarding = forwarding
-        self.routable = routable
+        # asked for the SDP address of every packet until a party latches: remembered
+        self.routable = functools.lru_cache(maxsize=4096)(routable)
         self.version = version
         self.stream_timeout = stream_timeout
         self.on_hold_timeout = on_hold_timeout
@@ -125,7 +127,20 @@ class RelayCore:
     def check_timeouts(self, now: float) -> list:
         """End the streams silent for too long; (owner, statistics) of each session that ended with them."""
         expired = []
+        # Every second over every session: most streams are running (in the kernel, or with
+        # recent media), which the first loop tells cheaply; only the others are looked at.
+        recent = now - min(self.stream_timeout, self.on_hold_timeout)
         for session in list(self.sessions.values()):
+            live = False
+            for stream in session.streams:
+                if stream is None or stream.end_time is not None:
+                    continue
+                live = True
+                if not stream.in_kernel and stream.last_activity <= recent:
+                    break
+            else:
+                if live:
+                    continue
             for stream in session.active_streams:
                 timed_out = stream.timed_out(now, self.stream_timeout, self.on_hold_timeout)
                 if timed_out is not None:
@@ -175,7 +190,7 @@ class RelayCore:
         return stream
 
     def _bind(self, stream: MediaStream, party: str) -> int:
-        receiver = lambda component, source, data, now: stream.on_packet(party, component, source, data, now)
+        receiver = functools.partial(stream.on_packet, party)
         for _ in range(MAX_BIND_ATTEMPTS):
             port = self.ports.allocate()
             try:

@@ -101,7 +101,6 @@ class MediaStream:
         self.status = None                # set when the stream ends: closed, rejected, ... timeout
         self.timeout_wait = 0
         self._routable = routable
-        self._routable_ips = {}           # ip -> routable(ip): asked once, not for every packet
 
     @property
     def ended(self) -> bool:
@@ -205,7 +204,4 @@ class MediaStream:
         if address is None:
             return None
         ip, port = address
-        routable = self._routable_ips.get(ip)
-        if routable is None:
-            routable = self._routable_ips[ip] = bool(self._routable(ip))
-        return (ip, port + component) if routable else None
+        return (ip, port + component) if self._routable(ip) else None

@@ -1,58 +1,111 @@
-"""User-space forwarding: Twisted UDP sockets carry the packets.
+"""User-space forwarding: UDP sockets read by the reactor carry the packets.
 
 Used for the first packets of every stream (latching) and for everything on
 hosts without the kernel path. Each port of a pair is one socket; a packet
 goes through the stream's packet path and out of the other leg's socket.
+
+The sockets are ours, not Twisted's udp.Port: a relay opens and closes four
+for every call, and udp.Port logs two messages for each (built even when
+nobody logs them) and checks the syntax of every destination four times.
 """
 
+import errno
 import logging
-from socket import AF_INET6
+import socket
+from socket import AF_INET, AF_INET6
 
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.interfaces import IReadDescriptor
+from zope.interface import implementer
 
 from mediaproxy.relay.forwarding import PortUnavailable
 from mediaproxy.relay.streams import StreamListener
 
 log = logging.getLogger("mediaproxy.relay")
 
+MAX_DATAGRAM = 65535           # never cut a datagram short
+READS_PER_TURN = 64            # datagrams read from one socket before the reactor does something else
 
-class MediaSocket(DatagramProtocol):
-    __slots__ = ("forwarding", "component", "receiver")
 
-    def __init__(self, forwarding, component, receiver):
+@implementer(IReadDescriptor)
+class MediaPort:
+    """One socket of a port pair (RTP on the even port, RTCP on the odd one)."""
+
+    __slots__ = ("socket", "fileno", "forwarding", "component", "receiver", "ipv6")
+
+    def __init__(self, forwarding, port: int, receiver):
+        self.ipv6 = ":" in forwarding.ip
+        sock = socket.socket(AF_INET6 if self.ipv6 else AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((forwarding.ip, port))
+        except OSError as e:
+            sock.close()
+            raise CannotListenError(forwarding.ip, port, e) from None
+        sock.setblocking(False)
+        self.socket = sock
+        self.fileno = sock.fileno
         self.forwarding = forwarding
-        self.component = component
+        self.component = port & 1
         self.receiver = receiver
+        forwarding.reactor.addReader(self)
 
-    def datagramReceived(self, data, address):
-        # The per-packet path. Twisted's Port.doRead already reduced the address to (host, port).
+    def drain(self) -> None:
+        """Count what waits in the socket and drop it: the kernel relays this port from now on,
+        and these packets, sent now from user space, would not be NATed like its packets."""
+        receiver, component, now = self.receiver, self.component, self.forwarding.clock.seconds()
+        while True:
+            try:
+                data, address = self.socket.recvfrom(MAX_DATAGRAM)
+            except OSError:
+                return
+            receiver(component, address[:2], data, now)
+
+    def stopListening(self) -> None:
+        if self.socket.fileno() >= 0:
+            self.forwarding.reactor.removeReader(self)
+            self.socket.close()
+
+    def doRead(self):
+        # The per-packet path of user-space forwarding.
         forwarding = self.forwarding
-        result = self.receiver(self.component, address, data, forwarding.clock.seconds())
-        if result is None:
-            return
-        out_port, destination = result
-        if out_port in forwarding.kernel_ports:
-            # Left in the socket from before the hand-over: sent now it would not be
-            # NATed like the kernel's packets but leave from another source port.
-            return
-        out = forwarding.sockets.get(out_port)
-        if out is not None:
+        recvfrom, receiver, component = self.socket.recvfrom, self.receiver, self.component
+        now = forwarding.clock.seconds()
+        for _ in range(READS_PER_TURN):
+            try:
+                data, address = recvfrom(MAX_DATAGRAM)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    log.debug("receiving on port %d: %s", self.socket.getsockname()[1], e)
+                return
+            if self.ipv6:
+                address = address[:2]
+            result = receiver(component, address, data, now)
+            if result is None:
+                continue
+            out_port, destination = result
+            if out_port in forwarding.kernel_ports:
+                # Left in the socket from before the hand-over: sent now it would not be
+                # NATed like the kernel's packets but leave from another source port.
+                continue
+            out = forwarding.sockets.get(out_port)
+            if out is None:
+                continue
+            if (":" in destination[0]) is not out.ipv6:
+                # an SDP address of the other family: sendto would take it for a host name
+                log.debug("cannot send to %s:%d: not an address of the relay's family", *destination)
+                continue
             forwarding.packets_forwarded += 1
             forwarding.bytes_forwarded += len(data)
-            # The socket's sendto, not Port.write: for every datagram Port.write checks the
-            # address's syntax with inet_pton four times, two of them failing with an exception
-            # (about 15% of the relay's time under load). The destination is an address the
-            # kernel gave (latched) or one parse_ip checked (SDP); only its family may not fit
-            # the socket (an IPv6 SDP address on an IPv4 relay), and sendto would then take the
-            # literal for a host name to look up.
-            if (":" in destination[0]) is not (out.addressFamily == AF_INET6):
-                log.debug("cannot send to %s:%d: not an address of the relay's family", *destination)
-                return
             try:
                 out.socket.sendto(data, destination)
             except OSError as e:     # e.g. no route: the packet is lost, the relay goes on
                 log.debug("cannot send to %s:%d: %s", destination[0], destination[1], e)
+
+    def connectionLost(self, reason):
+        self.socket.close()
+
+    def logPrefix(self):
+        return "media"
 
 
 class UserspaceForwarding(StreamListener):
@@ -60,7 +113,7 @@ class UserspaceForwarding(StreamListener):
         self.ip = ip
         self.clock = reactor
         self.reactor = reactor
-        self.sockets = {}            # port -> listening transport (both ports of each pair)
+        self.sockets = {}            # port -> MediaPort (both ports of each pair)
         self.receivers = {}          # even port of an open pair -> its stream's packet path
         self.kernel_ports = frozenset()   # ports whose packets the kernel relays (see KernelForwarding)
         self.packets_forwarded = 0
@@ -78,9 +131,9 @@ class UserspaceForwarding(StreamListener):
         self.sockets[port], self.sockets[port + 1] = opened
         self.receivers[port] = receiver
 
-    def listen(self, port: int, receiver):
-        """One socket of a pair (RTP on the even port, RTCP on the odd one); raises CannotListenError."""
-        return self.reactor.listenUDP(port, MediaSocket(self, port & 1, receiver), interface=self.ip)
+    def listen(self, port: int, receiver) -> MediaPort:
+        """One socket of a pair; raises CannotListenError."""
+        return MediaPort(self, port, receiver)
 
     def close(self, port: int) -> None:
         self.receivers.pop(port, None)

@@ -98,7 +98,7 @@ def test_the_kernel_relays_a_running_call_and_counts_every_packet(make_rig):
 
     # The statistics count every packet each party sent (RTP + RTCP), and their UDP payload.
     [stream] = rig.session("kernel-call")["streams"]
-    assert stream_counters(stream) == sent_counters(caller, callee)
+    assert stream_counters(stream) == sent_counters(caller, callee), stream
     assert (stream["caller_codec"], stream["callee_codec"], stream["status"]) == ("G711u", "G711a", "active")
 
     # Each party heard the other only from the relay port it sends to (symmetric RTP), never another.
@@ -118,7 +118,7 @@ def test_remove_leaves_no_entry_and_no_rule_and_reports_the_full_counts(make_rig
     assert call.remove() == "removed"
     record = rig.wait_accounted("removed-call")
     [stream] = record["streams"]
-    assert stream_counters(stream) == sent_counters(caller, callee)
+    assert stream_counters(stream) == sent_counters(caller, callee), stream
     assert stream["status"] == "closed"
     assert record["timed_out"] is False
 
@@ -174,7 +174,7 @@ def test_a_party_that_moves_is_relayed_again_by_a_new_entry(make_rig):
 
     # Nothing of what the old entry carried is lost from the statistics.
     [stream] = rig.session("moving-call")["streams"]
-    assert stream_counters(stream) == sent_counters(caller, callee)
+    assert stream_counters(stream) == sent_counters(caller, callee), stream
     assert stream["caller_remote"] == f"{caller.ip}:{CALLER_PORT + 100}"
     assert call.remove() == "removed"
     assert rig.entries() == []

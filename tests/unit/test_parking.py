@@ -6,19 +6,21 @@ import os
 import socket
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from mediaproxy.relay.kernel.parking import PortParking, _Catcher, destination_port
+from mediaproxy.relay.kernel.parking import PortParking, _Catcher, destination_port, source_address
 
 
 class FakeListening:
     def __init__(self, port, receiver):
         self.port, self.receiver = port, receiver
-        self.closing = defer.Deferred()
+        self.drained = self.closed = False
+
+    def drain(self):
+        self.drained = True
 
     def stopListening(self):
-        return self.closing
+        self.closed = True
 
 
 class FakeForwarding:
@@ -44,23 +46,25 @@ def receiver(component, source, data, now):
     return None
 
 
+CALLER = ("198.51.100.7", 4000)
+
+
 @pytest.fixture
 def parking():
     forwarding = FakeForwarding()
     forwarding.open(40000, receiver)
     forwarding.listened.clear()
-    return PortParking(forwarding, Clock())
+    return PortParking(forwarding, Clock(), expected_source=lambda port: (CALLER,) if port == 40000 else ())
 
 
-def test_a_parked_port_has_no_socket_until_it_is_woken(parking):
+def test_a_parked_port_is_drained_and_closed_until_it_is_woken(parking):
     forwarding = parking.forwarding
-    closing = forwarding.sockets[40000].closing
+    listening = forwarding.sockets[40000]
     parking.park(40000)
+    assert listening.drained and listening.closed
     assert 40000 not in forwarding.sockets and 40001 in forwarding.sockets
     assert len(parking) == 1
     parking.wake(40000)
-    assert forwarding.listened == []            # the old socket is not closed yet
-    closing.callback(None)
     assert forwarding.listened == [40000]
     assert forwarding.sockets[40000].receiver is receiver and len(parking) == 0
 
@@ -73,25 +77,24 @@ def test_waking_an_open_or_unknown_port_does_nothing(parking):
 
 def test_a_closed_pair_is_not_woken(parking):
     forwarding = parking.forwarding
-    closing = forwarding.sockets[40001].closing
     parking.park(40001)
+    del forwarding.receivers[40000]             # the stream ended
     parking.wake(40001)
-    del forwarding.receivers[40000]             # the stream ended meanwhile
-    closing.callback(None)
-    assert forwarding.listened == []
+    assert forwarding.listened == [] and len(parking) == 0
     parking.park(40000)
     parking.forget(40000)
     assert len(parking) == 0
 
 
-def test_a_port_parked_again_before_its_socket_closed_stays_parked(parking):
+def test_only_a_strangers_packet_wakes_a_parked_port(parking):
     forwarding = parking.forwarding
-    closing = forwarding.sockets[40000].closing
     parking.park(40000)
-    parking.wake(40000)
-    parking.parked[40000] = defer.succeed(None)  # handed to the kernel again meanwhile
-    closing.callback(None)
+    parking._packet_to(40000, CALLER)           # a copy of the party's packet from before the hand-over
     assert forwarding.listened == []
+    parking._packet_to(40000, ("203.0.113.9", 5000))
+    assert forwarding.listened == [40000]
+    parking._packet_to(40002, ("203.0.113.9", 5000))   # not parked: nothing
+    assert forwarding.listened == [40000]
 
 
 def test_destination_port_of_raw_packets():
@@ -101,6 +104,8 @@ def test_destination_port_of_raw_packets():
     assert destination_port(options + b"\x00\x01\x9c\x40") == 40000
     assert destination_port(header + b"\x00") is None
     assert destination_port(b"") is None
+    assert source_address(bytes([0x45]) + bytes(11) + bytes([192, 0, 2, 1]) + bytes(4) + b"\x0f\xa0\x9c\x40") == \
+        ("192.0.2.1", 4000)
 
 
 def test_the_raw_socket_reports_packets_to_its_port_range_only():
@@ -108,7 +113,7 @@ def test_the_raw_socket_reports_packets_to_its_port_range_only():
         pytest.skip("a raw socket needs root")
     low = 47000
     caught = []
-    catcher = _Catcher("127.0.0.1", (low, low + 4), caught.append)
+    catcher = _Catcher("127.0.0.1", (low, low + 4), lambda port, source: caught.append(port))
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             for port in (low - 1, low, low + 3, low + 4, low + 1):

@@ -38,7 +38,7 @@ def udp_stream_timeout() -> int:
         return 120
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class KernelEntry:
     stream: object
     component: int
@@ -64,7 +64,7 @@ class ConntrackTable:
         self.relay_ip = relay_ip
         self.mark = mark
         self.by_orig = {}             # orig Tuple5 -> KernelEntry
-        self.by_port = {}             # relay port (even, either leg) -> set of KernelEntry
+        self.by_port = {}             # relay port (even, either leg) -> its stream's KernelEntry list (shared)
         self.kernel_ports = set()     # relay ports (RTP or RTCP, both legs) whose packets the kernel relays
 
     def __len__(self):
@@ -138,15 +138,24 @@ class ConntrackTable:
             self.by_orig[entry.orig] = entry
             if entry.component == RTP:
                 entry.stream.in_kernel = True
-            for leg in entry.stream.legs.values():
-                self.by_port.setdefault(leg.port, set()).add(entry)
+            legs = entry.stream.legs.values()
+            shared = None
+            for leg in legs:
+                shared = self.by_port.get(leg.port)
+                if shared is not None:
+                    break
+            if shared is None:
+                shared = []
+            shared.append(entry)
+            for leg in legs:
+                self.by_port[leg.port] = shared
                 self.kernel_ports.add(leg.port + entry.component)
             installed.append(entry)
         return installed
 
     def remove_port(self, port: int) -> list:
         """Remove the entries of the streams on this port, counting their last packets first."""
-        entries = self.by_port.pop(port, set())
+        entries = list(self.by_port.get(port, ()))
         if not entries:
             return []
         requests, gets = [], {}
@@ -171,10 +180,11 @@ class ConntrackTable:
             entry.stream.in_kernel = False
         for leg in entry.stream.legs.values():
             self.kernel_ports.discard(leg.port + entry.component)
-            ports = self.by_port.get(leg.port)
-            if ports is not None:
-                ports.discard(entry)
-                if not ports:
+            shared = self.by_port.get(leg.port)
+            if shared is not None:
+                if entry in shared:
+                    shared.remove(entry)
+                if not shared:
                     del self.by_port[leg.port]
 
     def ended(self, entry: KernelEntry, kernel_entry=None) -> None:

@@ -225,6 +225,14 @@ def encode_dump(seq: int, mark: Optional[int], family: int = socket.AF_INET) -> 
     return _message(MSG_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, body)
 
 
+def encode_evicting_walk(seq: int, family: int = socket.AF_INET) -> bytes:
+    """A dump that lists nothing (mark & 0 == 1 holds for no entry) but walks the whole table:
+    on its way the kernel destroys the entries that timed out, with their destroy events,
+    which its garbage collection would send only up to a minute later."""
+    body = _attr(CTA_MARK, struct.pack(">I", 1)) + _attr(CTA_MARK_MASK, struct.pack(">I", 0))
+    return _message(MSG_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, body)
+
+
 # Decoding.
 
 def _attributes(data: bytes, start: int, end: int):

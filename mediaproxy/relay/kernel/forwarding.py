@@ -45,66 +45,51 @@ class _EventReader:
 
 
 @implementer(IReadDescriptor)
-class _TableReader:
-    """The periodic read of the table, a part per reactor turn; `finished(missing)` gets the
-    entries that were ours when it started and that it did not find."""
+class _Evictor:
+    """The periodic walk of the table that makes the kernel destroy the entries that timed
+    out (their destroy events end the streams); its answer, read when the reactor has time,
+    is only its end."""
 
-    def __init__(self, table: ConntrackTable, reactor, finished):
-        self.table = table
+    def __init__(self, reactor):
         self.reactor = reactor
-        self.finished = finished
-        self.dump = DumpSocket()
-        self.expected = None
-        self.seen = None
+        self.walk = DumpSocket()
+        self.running = False
 
     def fileno(self):
-        return self.dump.fileno()
-
-    @property
-    def running(self) -> bool:
-        return self.expected is not None
+        return self.walk.fileno()
 
     def start(self) -> None:
-        self.expected, self.seen = dict(self.table.by_orig), set()
-        self.dump.start(self.table.mark)
+        self.walk.start_evicting_walk()
         self.reactor.addReader(self)
+        self.running = True
 
     def stop(self) -> None:
         if self.running:
             self.reactor.removeReader(self)
-            self.expected = None
-        self.dump.close()
+            self.running = False
+        self.walk.close()
 
     def doRead(self):
-        table = self.table
         try:
-            kernel_entries, done = self.dump.read()
+            _, done = self.walk.read()
         except (NetlinkError, OSError) as e:
-            log.error("could not read the kernel's conntrack table: %s", e)
-            kernel_entries, done, self.seen = [], True, None
-        for kernel_entry in kernel_entries:
-            entry = table.by_orig.get(kernel_entry.orig)
-            if entry is not None:
-                table.count(entry, kernel_entry)
-                self.seen.add(kernel_entry.orig)
+            log.error("could not walk the kernel's conntrack table: %s", e)
+            done = True
         if done:
             self.reactor.removeReader(self)
-            expected, seen, self.expected = self.expected, self.seen, None
-            missing = [] if seen is None else [
-                entry for orig, entry in expected.items() if orig not in seen and table.by_orig.get(orig) is entry]
-            self.finished(missing)
+            self.running = False
 
     def connectionLost(self, reason):
         pass
 
     def logPrefix(self):
-        return "conntrack-table"
+        return "conntrack-walk"
 
 
 class KernelForwarding(UserspaceForwarding):
     def __init__(self, ip: str, reactor, table: ConntrackTable, events: EventSocket, port_range=None):
         super().__init__(ip, reactor)
-        self.parking = PortParking(self, reactor, port_range)
+        self.parking = PortParking(self, reactor, port_range, self._relayed_sources)
         self.table = table
         self.kernel_ports = table.kernel_ports
         self.events = events
@@ -114,7 +99,7 @@ class KernelForwarding(UserspaceForwarding):
         self._kernel_bytes = 0
         self._reader = _EventReader(events, self._destroyed)
         reactor.addReader(self._reader)
-        self._table_reader = _TableReader(table, reactor, self._reaped)
+        self._evictor = _Evictor(reactor)
         self._reap_call = None
         self._schedule_reap()
 
@@ -123,7 +108,7 @@ class KernelForwarding(UserspaceForwarding):
             self._reap_call.cancel()
         self.reactor.removeReader(self._reader)
         self.events.close()
-        self._table_reader.stop()
+        self._evictor.stop()
         self.parking.stop()
 
     # StreamListener
@@ -171,6 +156,14 @@ class KernelForwarding(UserspaceForwarding):
         self.parking.forget(port)
         super().close(port)
 
+    def _relayed_sources(self, port: int) -> tuple:
+        """The parties whose packets to this relay port the kernel relays."""
+        sources = []
+        for entry in self.table.by_port.get(port & ~1, ()):
+            if entry.component == port & 1:
+                sources += (entry.orig.src, entry.orig.sport), entry.callee
+        return tuple(sources)
+
     def _wake(self, entries) -> None:
         """The kernel no longer relays these sub-streams: their ports listen again."""
         for entry in entries:
@@ -216,37 +209,25 @@ class KernelForwarding(UserspaceForwarding):
     def _read_table(self) -> list:
         """Read our entries (counters too); the ones the kernel no longer has have ended."""
         try:
-            gone = self.table.refresh_counters()
+            gone = self.table.confirm_gone(self.table.refresh_counters())
         except (NetlinkError, OSError) as e:
             log.error("could not read the kernel's conntrack table: %s", e)
             return []
         for entry in gone:
             self.table.ended(entry)
-        return list(gone)
+        return gone
 
     def _reap(self) -> None:
-        """The kernel sends an entry's destroy event only when its garbage collection gets to
-        it, up to a minute after the entry timed out; reading the table removes expired
-        entries at once. So while we have entries, read it a few times per UDP timeout
-        (a part per reactor turn: with thousands of entries it takes long)."""
+        """The kernel destroys a timed-out entry (and sends its destroy event) only when its
+        garbage collection gets to it, up to a minute later, or when a table dump passes it.
+        So while we have entries, a walk a few times per UDP timeout."""
         self._reap_call = None
-        if len(self.table) and not self._table_reader.running:
+        if len(self.table) and not self._evictor.running:
             try:
-                self._table_reader.start()
+                self._evictor.start()
             except OSError as e:
-                log.error("could not read the kernel's conntrack table: %s", e)
+                log.error("could not walk the kernel's conntrack table: %s", e)
         self._schedule_reap()
-
-    def _reaped(self, missing) -> None:
-        gone = []
-        if missing:
-            try:
-                gone = self.table.confirm_gone(missing)
-            except (NetlinkError, OSError) as e:
-                log.error("could not read the kernel's conntrack table: %s", e)
-            for entry in gone:
-                self.table.ended(entry)
-        self._entries_ended(gone)
 
     def _schedule_reap(self) -> None:
         interval = min(max(udp_stream_timeout() / 4, MIN_REAP_INTERVAL), MAX_REAP_INTERVAL)

@@ -137,6 +137,12 @@ class DumpSocket:
         self.seq = next(self._seqs)
         self.sock.send(ctnetlink.encode_dump(self.seq, mark, family))
 
+    def start_evicting_walk(self, family: int = socket.AF_INET) -> None:
+        """A walk that lists nothing and makes the kernel destroy what timed out (see
+        ctnetlink.encode_evicting_walk); read() then gives no entries, only the end."""
+        self.seq = next(self._seqs)
+        self.sock.send(ctnetlink.encode_evicting_walk(self.seq, family))
+
     def read(self):
         """(entries, finished): the next part of the dump, if the kernel has it ready."""
         try:

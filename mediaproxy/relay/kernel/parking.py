@@ -21,7 +21,6 @@ import logging
 import socket
 import struct
 
-from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
@@ -60,6 +59,12 @@ def destination_port(packet: bytes):
     return (packet[header + 2] << 8) | packet[header + 3]
 
 
+def source_address(packet: bytes):
+    """(source IP, source port) of a raw IPv4 UDP packet whose destination_port is not None."""
+    header = (packet[0] & 0x0F) * 4
+    return socket.inet_ntoa(packet[12:16]), (packet[header] << 8) | packet[header + 1]
+
+
 @implementer(IReadDescriptor)
 class _Catcher:
     """The raw socket: which parked ports packets arrive at."""
@@ -88,7 +93,7 @@ class _Catcher:
                 return
             port = destination_port(packet)
             if port is not None:
-                self.on_packet(port)
+                self.on_packet(port, source_address(packet))
 
     def connectionLost(self, reason):
         pass
@@ -102,12 +107,14 @@ class _Catcher:
 
 class PortParking:
     """Parks and wakes the sockets of a UserspaceForwarding (its ``sockets``,
-    ``receivers`` and ``listen``)."""
+    ``receivers`` and ``listen``). ``expected_source(port)``: the addresses whose
+    packets to a parked port the kernel relays (they wake nothing)."""
 
-    def __init__(self, forwarding, reactor, port_range=None):
+    def __init__(self, forwarding, reactor, port_range=None, expected_source=lambda port: ()):
         self.forwarding = forwarding
         self.reactor = reactor
-        self.parked = {}            # port -> Deferred that fires when its socket is closed
+        self.expected_source = expected_source
+        self.parked = set()
         self._catcher = None
         if port_range is not None:
             try:
@@ -130,32 +137,31 @@ class PortParking:
     def park(self, port: int) -> None:
         listening = self.forwarding.sockets.pop(port, None)
         if listening is not None:
-            self.parked[port] = defer.maybeDeferred(listening.stopListening)
+            listening.drain()           # what arrived before the hand-over still counts
+            listening.stopListening()
+            self.parked.add(port)
 
     def wake(self, port: int) -> None:
-        closing = self.parked.pop(port, None)
-        if closing is None:
+        if port not in self.parked:
             return
-        pair = port & ~1
-        receiver = self.forwarding.receivers.get(pair)
-
-        def listen(_=None):
-            forwarding = self.forwarding
-            if forwarding.receivers.get(pair) is not receiver or port in forwarding.sockets or port in self.parked:
-                return      # closed, opened or parked again meanwhile
-            try:
-                forwarding.sockets[port] = forwarding.listen(port, receiver)
-            except CannotListenError as e:
-                log.error("port %d cannot be listened on again, its stream is lost: %s", port, e.socketError)
-        if receiver is not None:
-            closing.addCallback(listen)
+        self.parked.discard(port)
+        forwarding = self.forwarding
+        receiver = forwarding.receivers.get(port & ~1)
+        if receiver is None:
+            return
+        try:
+            forwarding.sockets[port] = forwarding.listen(port, receiver)
+        except CannotListenError as e:
+            log.error("port %d cannot be listened on again, its stream is lost: %s", port, e.socketError)
 
     def forget(self, pair: int) -> None:
         """The pair is closed: nothing of it is to be woken."""
-        self.parked.pop(pair, None)
-        self.parked.pop(pair + 1, None)
+        self.parked.discard(pair)
+        self.parked.discard(pair + 1)
 
-    def _packet_to(self, port: int) -> None:
-        if port in self.parked:
-            log.debug("a packet from a new address to parked port %d: listening on it again", port)
+    def _packet_to(self, port: int, source) -> None:
+        # The raw socket also sees copies of packets that arrived just before their port was
+        # parked, from the parties the kernel now relays: only a stranger's packet wakes a port.
+        if port in self.parked and source not in self.expected_source(port):
+            log.debug("a packet from %s:%d to parked port %d: listening on it again", *source, port)
             self.wake(port)
