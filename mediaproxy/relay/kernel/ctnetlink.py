@@ -15,7 +15,7 @@ tuple and NAT attributes. Ports and marks are big endian.
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
@@ -47,9 +47,9 @@ _NLA = struct.Struct("=HH")
 Address = Tuple[str, int]
 
 
-@dataclass(frozen=True)
-class Tuple5:
-    """A UDP flow as conntrack sees it: source and destination address and port."""
+class Tuple5(NamedTuple):
+    """A UDP flow as conntrack sees it: source and destination address and port.
+    (A tuple: made and hashed for every entry read, in C.)"""
     src: str
     dst: str
     sport: int
@@ -59,7 +59,7 @@ class Tuple5:
         return Tuple5(self.dst, self.src, self.dport, self.sport)
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """A conntrack entry read from the kernel (an event, a dump or a get)."""
     msg_type: int
@@ -314,7 +314,66 @@ def _decode_tuple_at(data, header: int, end: int):
     return _decode_tuple(data, header + 4, header + length)
 
 
+class _Layout:
+    """Where the attributes are in entries of one message length: the kernel writes the
+    entries of a table the same way, so after the first one the others are read at these
+    offsets, once one struct of their attribute headers proves they are the same."""
+
+    __slots__ = ("headers", "expected", "orig", "reply", "counters_orig", "counters_reply", "mark", "id")
+
+    def __init__(self, data, start, end):
+        offsets, formats, expected, position = {}, [], [], start
+        offset = start + _NFGEN.size
+        while offset + 4 <= end:
+            length, kind = _NLA.unpack_from(data, offset)
+            if length < 4:
+                break
+            formats.append("%dxI" % (offset - position))
+            expected.append(_U32_NATIVE.unpack_from(data, offset)[0])
+            position = offset + 4
+            offsets.setdefault(kind & NLA_TYPE_MASK, (offset, length))
+            offset += (length + 3) & ~3
+        self.headers = struct.Struct("=" + "".join(formats))
+        self.expected = tuple(expected)
+
+        def at(kind, size):
+            offset, length = offsets.get(kind, (None, 0))
+            return offset - start if offset is not None and length == size else None
+        self.orig, self.reply = at(CTA_TUPLE_ORIG, 52), at(CTA_TUPLE_REPLY, 52)
+        self.counters_orig, self.counters_reply = at(CTA_COUNTERS_ORIG, 28), at(CTA_COUNTERS_REPLY, 28)
+        self.mark, self.id = at(CTA_MARK, 8), at(CTA_ID, 8)
+
+
+_U32_NATIVE = struct.Struct("=I")
+_layouts = {}
+
+
 def _decode_entry(data, start, end, msg_type, seq) -> Entry:
+    layout = _layouts.get(end - start)
+    if layout is None and len(_layouts) < 64:
+        layout = _layouts[end - start] = _Layout(data, start, end)
+    if layout is not None and layout.orig is not None and layout.headers.unpack_from(data, start) == layout.expected:
+        return _decode_laid_out(data, start, msg_type, seq, layout)
+    return _decode_walking(data, start, end, msg_type, seq)
+
+
+def _decode_laid_out(data, start, msg_type, seq, layout) -> Entry:
+    orig, proto = _decode_tuple_at(data, start + layout.orig, start + layout.orig + 52)
+    entry = Entry(msg_type, orig, None, seq=seq, proto=proto)
+    if layout.reply is not None:
+        entry.reply = _decode_tuple_at(data, start + layout.reply, start + layout.reply + 52)[0]
+    if layout.counters_orig is not None:
+        entry.orig_packets, entry.orig_bytes = _COUNTERS64.unpack_from(data, start + layout.counters_orig + 4)
+    if layout.counters_reply is not None:
+        entry.reply_packets, entry.reply_bytes = _COUNTERS64.unpack_from(data, start + layout.counters_reply + 4)
+    if layout.mark is not None:
+        entry.mark = _U32.unpack_from(data, start + layout.mark + 4)[0]
+    if layout.id is not None:
+        entry.id = _U32.unpack_from(data, start + layout.id + 4)[0]
+    return entry
+
+
+def _decode_walking(data, start, end, msg_type, seq) -> Entry:
     entry = Entry(msg_type, None, None, seq=seq)
     offset = start + _NFGEN.size
     unpack = _NLA.unpack_from
