@@ -73,7 +73,9 @@ class Dispatcher:
         """Match our table with the relay's own list of our sessions: forget what it no
         longer has (it may have restarted), adopt what we did not know (we may have)."""
         try:
-            answer = yield link.send_command("sessions")
+            # which sessions it has is all we need, not their statistics (a relay that does not
+            # know `brief` sends them all the same)
+            answer = yield link.send_command("sessions", {"brief": "yes"})
             held = {session["call_id"]: session for session in json.loads(answer)}
         except (RelayError, ValueError, TypeError, KeyError) as e:
             log.warning("could not list the sessions of relay %s: %s", link.ip, e)

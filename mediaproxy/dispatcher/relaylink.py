@@ -108,7 +108,10 @@ class RelayLink(VerifiedPeerProtocol):
         self.timed_out[seq] = (name, headers)
         if len(self.timed_out) > MAX_REMEMBERED_TIMEOUTS:
             del self.timed_out[next(iter(self.timed_out))]
-        if self.active:
+        if name == "sessions":
+            # a busy relay may take longer to list thousands of sessions: no sign of a dead one
+            log.warning("relay %s did not list its sessions within %s s", self.ip, self.timeout)
+        elif self.active:
             log.warning("relay %s did not answer within %s s: marked inactive", self.ip, self.timeout)
             self.active = False
             self._recover_call = self.clock.callLater(self.recover_interval, self._give_up)

@@ -3,6 +3,12 @@
 Dispatcher to relay: `COMMAND SEQ`, the headers, an empty line; the relay
 answers `SEQ RESULT` on one line. Besides, the relay sends `ping` (answered
 by `pong`) and unsolicited `expired JSON` lines.
+
+One extension: `sessions` with the header `brief: yes` (what the dispatcher
+asks when a relay connects) lists only each session's call_id, from_tag,
+to_tag and dialog_id, without reading the kernel's counters; a relay that
+does not know the header answers with the full statistics, which hold the
+same keys.
 """
 
 import json

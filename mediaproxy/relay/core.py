@@ -52,9 +52,13 @@ class RelayCore:
         if command == "summary":
             return json.dumps(self.summary(now))
         if command == "sessions":
+            mine = [s for s in self.sessions.values() if owner is None or s.owner == owner]
+            if headers.get("brief") == "yes":
+                # the dispatcher's reconcile: which sessions, not their statistics (nor a table read)
+                return json.dumps([{"call_id": s.call_id, "from_tag": s.from_tag, "to_tag": s.to_tag,
+                                    "dialog_id": s.dialog_id} for s in mine])
             self.forwarding.refresh_counters()
-            return json.dumps([session_statistics(s, self.advertised_ip, now) for s in self.sessions.values()
-                               if owner is None or s.owner == owner])
+            return json.dumps([session_statistics(s, self.advertised_ip, now) for s in mine])
         return "error"
 
     def update(self, headers, now: float, owner: str = None) -> str:

@@ -326,3 +326,21 @@ def test_rtp_payload_type(data, payload_type):
                                                 (50, "Unknown(50)")])
 def test_codec_names(payload_type, name):
     assert codec_name(payload_type) == name
+
+
+def test_a_brief_sessions_list_names_the_sessions_without_reading_the_kernel():
+    class CountingForwarding(MemoryForwarding):
+        refreshed = 0
+
+        def refresh_counters(self):
+            self.refreshed += 1
+
+    forwarding = CountingForwarding()
+    core = RelayCore(RELAY_IP, PortPool(40000, 40020), forwarding, now=0.0)
+    core.handle("update", {"type": "request", "call_id": "c1", "cseq": "1 INVITE", "from_tag": "a",
+                           "dialog_id": "7:9", "media": "audio:10.0.0.5:4000:sendrecv"}, 0.0)
+    [full] = json.loads(core.handle("sessions", {}, 0.0))
+    assert forwarding.refreshed == 1 and full["streams"]
+    assert json.loads(core.handle("sessions", {"brief": "yes"}, 0.0)) == [
+        {"call_id": "c1", "from_tag": "a", "to_tag": full["to_tag"], "dialog_id": "7:9"}]
+    assert forwarding.refreshed == 1

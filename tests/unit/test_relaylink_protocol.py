@@ -174,7 +174,7 @@ def test_an_unverified_relay_gets_no_commands(dispatcher):
 def test_with_the_real_dispatcher_a_new_relay_is_asked_for_its_sessions():
     dispatcher = Dispatcher(Clock(), rng=random.Random(1))
     link = relay_link(dispatcher)
-    assert written(link.transport) == b"sessions 1\r\n\r\n"
+    assert written(link.transport) == b"sessions 1\r\nbrief: yes\r\n\r\n"   # the list only
     link.dataReceived(b"1 []\r\n")
     outcome = track(dispatcher.proxy_request(RequestReader().feed(
         b"update\r\ntype: request\r\ncall_id: c1\r\ncseq: 1 INVITE\r\nfrom_tag: a\r\n"
