@@ -65,8 +65,8 @@ $(VENV)/bin/python:
 
 # deps-apt first: pip may have to compile python-iptables
 $(DEPS_STAMP): setup.py | deps-apt $(VENV)/bin/python
-	@echo "deps: installing MediaProxy and its Python packages in $(VENV) (pip install -e '.[test]')"
-	@$(VENV)/bin/pip install -q -e '.[test]' </dev/null
+	@echo "deps: installing MediaProxy and its Python packages in $(VENV) (pip install -e '.[test,bench]')"
+	@$(VENV)/bin/pip install -q -e '.[test,bench]' </dev/null
 	@touch $@
 
 test: deps

@@ -29,6 +29,8 @@ setup(
         # database drivers for [Database] dburi URLs (SQLAlchemy picks them by URL)
         "postgresql": ["psycopg[binary]>=3.1", "psycopg2-binary>=2.9"],
         "mysql": ["pymysql>=1.0"],
+        # make bench: the profiles of bench/control_profile.py and bench/userspace.py
+        "bench": ["py-spy>=0.3"],
         "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "cryptography>=38",
                  "psycopg[binary]>=3.1", "psycopg2-binary>=2.9", "pymysql>=1.0"],
     },

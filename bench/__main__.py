@@ -105,6 +105,33 @@ def run_module(name: str, results, smoke: bool, workdir: Path) -> None:
                              "seconds": round(time.time() - started, 1)}
     results.notes.extend(f"{name}: {note}" for note in answer.get("notes", []))
     results.available[name] = None
+    if name == "control" and not smoke:
+        profile_control(results)
+
+
+def profile_control(results) -> None:
+    """Where the control plane's time goes: bench.control_profile (py-spy on both daemons under the
+    8-client load), its shares in the notes."""
+    import json
+    import subprocess
+
+    from bench.kernel import log
+
+    log("control: profiling both daemons under 8 clients (py-spy)")
+    try:
+        answer = subprocess.run([sys.executable, "-m", "bench.control_profile", "--seconds", "8"], cwd=REPO,
+                                capture_output=True, text=True, timeout=180)
+        report = json.loads(answer.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        results.notes.append(f"control: no profile ({' '.join(str(exc).split())[:200]}; needs py-spy in .venv)")
+        return
+    results.details["control"]["profile"] = report
+    for daemon in ("dispatcher", "relay"):
+        parts = report.get(daemon, {}).get("parts_pct", {})
+        shares = ", ".join(f"{part} {share:.0f}%" for part, share in parts.items() if share >= 2)
+        results.notes.append(f"control: where {daemon}'s time goes at {report['load']['rate']:.0f} sessions/s "
+                             f"(py-spy, share of its busy samples; {report[daemon]['cpu_cores']:.2f} cores): "
+                             f"{shares}")
 
 
 def main(argv=None) -> int:
