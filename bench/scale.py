@@ -111,17 +111,9 @@ def log(message: str) -> None:
 # -- the packet tool --
 
 def build_tool(build_dir: Path = HERE / "build") -> Path:
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("bench.scale compiles bench/tools/scalesend.c: install gcc")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    source, binary = HERE / "tools" / f"{TOOL}.c", build_dir / TOOL
-    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
-        result = subprocess.run([compiler, "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source)],
-                                capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling {source} failed:\n{result.stderr}")
-    return binary
+    from bench.tools import build_tools
+
+    return build_tools(build_dir, (TOOL,))[TOOL]
 
 
 class Sender:

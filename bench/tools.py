@@ -33,16 +33,17 @@ SENDER_CPU = 0
 RECEIVER_CPU = 1
 
 
-def build_tools(build_dir: Path = BUILD) -> dict[str, Path]:
-    """Compile the tools whose binary is missing or older than its source."""
+def build_tools(build_dir: Path = BUILD, tools=TOOLS) -> dict[str, Path]:
+    """Compile the tools whose binary is missing or older than its source or frame.h."""
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("the benchmarks compile their packet tools: install gcc (apt-get install gcc libc6-dev)")
     build_dir.mkdir(parents=True, exist_ok=True)
+    shared = (SOURCES / "frame.h").stat().st_mtime
     binaries = {}
-    for tool in TOOLS:
+    for tool in tools:
         source, binary = SOURCES / f"{tool}.c", build_dir / tool
-        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        if not binary.exists() or binary.stat().st_mtime < max(source.stat().st_mtime, shared):
             result = subprocess.run([compiler, *CFLAGS, "-o", str(binary), str(source)],
                                     capture_output=True, text=True, timeout=120)
             if result.returncode != 0:

@@ -37,6 +37,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "frame.h"
+
 #define MAX_STREAMS 200000
 #define BATCH 64
 
@@ -63,54 +65,6 @@ static void usage(void) {
     exit(2);
 }
 
-static uint16_t checksum(const void *data, size_t len, uint32_t sum) {
-    const uint8_t *p = data;
-    for (; len > 1; len -= 2, p += 2) sum += (p[0] << 8) | p[1];
-    if (len) sum += p[0] << 8;
-    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
-    return (uint16_t)~sum;
-}
-
-static int build_frame(uint8_t *buf, const uint8_t dmac[6], const uint8_t smac[6], struct in_addr src,
-                       struct in_addr dst, int sport, int dport, const uint8_t *payload, int size, int id) {
-    memcpy(buf, dmac, 6);
-    memcpy(buf + 6, smac, 6);
-    buf[12] = 0x08;
-    buf[13] = 0x00;
-    uint8_t *ip = buf + 14, *udp = ip + 20;
-    int iplen = 20 + 8 + size;
-    memset(ip, 0, 20);
-    ip[0] = 0x45;
-    ip[2] = iplen >> 8;
-    ip[3] = iplen & 0xff;
-    ip[4] = (id >> 8) & 0xff;
-    ip[5] = id & 0xff;
-    ip[6] = 0x40;
-    ip[8] = 64;
-    ip[9] = IPPROTO_UDP;
-    memcpy(ip + 12, &src, 4);
-    memcpy(ip + 16, &dst, 4);
-    uint16_t c = checksum(ip, 20, 0);
-    ip[10] = c >> 8;
-    ip[11] = c & 0xff;
-    udp[0] = sport >> 8;
-    udp[1] = sport & 0xff;
-    udp[2] = dport >> 8;
-    udp[3] = dport & 0xff;
-    udp[4] = (8 + size) >> 8;
-    udp[5] = (8 + size) & 0xff;
-    udp[6] = udp[7] = 0;
-    memcpy(udp + 8, payload, size);
-    uint32_t sum = 0;
-    const uint8_t *a = ip + 12;
-    for (int i = 0; i < 8; i += 2) sum += (a[i] << 8) | a[i + 1];
-    sum += IPPROTO_UDP + 8 + size;
-    c = checksum(udp, 8 + size, sum);
-    if (c == 0) c = 0xffff;
-    udp[6] = c >> 8;
-    udp[7] = c & 0xff;
-    return 14 + iplen;
-}
 
 static int fd;
 static uint8_t *frames;
@@ -195,9 +149,7 @@ int main(int argc, char **argv) {
     if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0) { perror("SIOCGIFHWADDR"); return 1; }
     uint8_t smac[6], dmac[6];
     memcpy(smac, ifr.ifr_hwaddr.sa_data, 6);
-    unsigned v[6];
-    if (sscanf(mac, "%x:%x:%x:%x:%x:%x", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]) != 6) usage();
-    for (int i = 0; i < 6; i++) dmac[i] = (uint8_t)v[i];
+    if (parse_mac(mac, dmac) < 0) usage();
     struct sockaddr_ll ll = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_IP),
                              .sll_ifindex = (int)if_nametoindex(ifname)};
     if (!ll.sll_ifindex || bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) { perror("bind(AF_PACKET)"); return 1; }
