@@ -12,8 +12,7 @@ allocated them and by object type):
   relay_kernel    what the kernel path adds per stream: the two KernelEntry
                   objects of ConntrackTable.install (a netlink stand-in that
                   accepts everything), its by_orig/by_port/kernel_ports, and
-                  the four parked ports (PortParking.parked: port -> the
-                  Deferred of the closed socket);
+                  the four parked ports (PortParking.parked, a set of ports);
   dispatcher      Dispatcher.sessions: one SessionRecord per call, as
                   Dispatcher._update makes it.
 
@@ -132,14 +131,12 @@ def build_relay(n: int):
 
 
 def build_kernel(core, n: int):
-    from twisted.internet import defer
-
     from mediaproxy.relay.kernel.conntrack import ConntrackTable, entry_for
     from mediaproxy.relay.streams import CALLEE, CALLER
 
     streams = [s for session in core.sessions.values() for s in session.active_streams]
     table = ConntrackTable(FakeNetlink(), None, RELAY_IP, 0x4D50, "mediaproxy-4d50")
-    parked = {}
+    parked = set()
     with Measured("relay_kernel", n) as measured:
         batch = []
         for stream in streams:
@@ -152,8 +149,8 @@ def build_kernel(core, n: int):
         for stream in streams:
             for party in (CALLER, CALLEE):
                 for component in (0, 1):
-                    # what PortParking.park keeps: the Deferred of stopListening, long fired
-                    parked[stream.leg(party).port + component] = defer.maybeDeferred(lambda: None)
+                    # what PortParking.park keeps: the port
+                    parked.add(stream.leg(party).port + component)
     return (table, parked), measured.result
 
 
