@@ -4,7 +4,7 @@
 #   make test                 the test suite; PYTEST_ARGS="-k relay -x" for more
 #                             pytest options, TESTS=tests/unit for a subset
 #   make run                  dispatcher and relay on this host (scripts/run-local)
-#   make bench                benchmarks (root, ~5 min): bench/RESULTS.md, bench/results.json
+#   make bench                benchmarks (root, ~8 min): bench/RESULTS.md, bench/results.json
 #   make deb                  Debian packages and their lintian report in build/deb/
 #                             (DEB_OUT=dir for another place)
 #
