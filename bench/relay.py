@@ -177,12 +177,14 @@ class Daemons:
                 return entry
         return {}
 
-    def setup_calls(self, count: int, caller_ip: str, callee_ip: str, caller_port0: int, callee_port0: int,
-                    clients: int = 4, timeout: float = 120.0) -> list[Call]:
-        """``count`` calls, one audio stream each, as the proxy module sets them up (offer, answer)."""
+    def setup_calls(self, count, caller_ip: str, callee_ip: str, caller_port0: int, callee_port0: int,
+                    clients: int = 4, timeout: float = 120.0, prefix: str = "bench") -> list[Call]:
+        """Calls 0..``count``-1 (or the indices ``count`` lists), one audio stream each, as the proxy
+        module sets them up (offer, answer), ``clients`` connections at once; in the order asked."""
         import threading
 
-        calls: list[Call | None] = [None] * count
+        indices = list(range(count)) if isinstance(count, int) else list(count)
+        calls: dict[int, Call] = {}
         errors: list[BaseException] = []
         deadline = time.monotonic() + timeout
 
@@ -193,7 +195,7 @@ class Daemons:
                     for i in indices:
                         if time.monotonic() > deadline:
                             raise TimeoutError("setting up the calls took too long")
-                        call_id = f"bench-{i}@{caller_ip}"
+                        call_id = f"{prefix}-{i}@{caller_ip}"
                         caller_port, callee_port = caller_port0 + 2 * i, callee_port0 + 2 * i
                         _, callee_facing = parse_reply(client.update(
                             call_id, "request", f"audio:{caller_ip}:{caller_port}:sendrecv", caller_ip))
@@ -206,14 +208,14 @@ class Daemons:
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(range(k, count, clients),)) for k in range(clients)]
+        threads = [threading.Thread(target=worker, args=(indices[k::clients],)) for k in range(clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         if errors:
             raise errors[0]
-        return calls  # type: ignore[return-value]
+        return [calls[i] for i in indices]
 
     def pids(self) -> dict[str, int]:
         return {"relay": self.relay.command_pid, "dispatcher": self.dispatcher.command_pid}

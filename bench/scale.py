@@ -51,7 +51,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -192,49 +191,12 @@ class Sender:
 
 # -- calls --
 
-def call_id(i: int) -> str:
-    from bench.topology import CALLER_IP
-
-    return f"scale-{i}@{CALLER_IP}"
-
-
 def setup_wave(daemons, indices, clients: int = 4, timeout: float = 120.0):
-    """Calls `indices` through the proxy socket (bench.relay.ProxyClient), `clients` connections at once."""
-    from bench.relay import Call, ProxyClient, parse_reply
+    """Calls `indices` through the proxy socket, `clients` connections at once."""
     from bench.topology import CALLEE_IP, CALLER_IP
 
-    indices = list(indices)
-    calls = {}
-    errors = []
-    deadline = time.monotonic() + timeout
-
-    def worker(part):
-        try:
-            client = ProxyClient(daemons.socket_path)
-            try:
-                for i in part:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("setting up the calls took too long")
-                    caller_port, callee_port = CALLER_PORT0 + 2 * i, CALLEE_PORT0 + 2 * i
-                    _, callee_facing = parse_reply(client.update(
-                        call_id(i), "request", f"audio:{CALLER_IP}:{caller_port}:sendrecv", CALLER_IP))
-                    _, caller_facing = parse_reply(client.update(
-                        call_id(i), "reply", f"audio:{CALLEE_IP}:{callee_port}:sendrecv", CALLEE_IP,
-                        to_tag="callee-tag"))
-                    calls[i] = Call(call_id(i), caller_port, callee_port, caller_facing, callee_facing)
-            finally:
-                client.close()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(indices[k::clients],)) for k in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return [calls[i] for i in indices]
+    return daemons.setup_calls(indices, CALLER_IP, CALLEE_IP, CALLER_PORT0, CALLEE_PORT0, clients, timeout,
+                               prefix="scale")
 
 
 # -- process figures --

@@ -34,12 +34,12 @@ RECEIVER_CPU = 1
 
 
 def build_tools(build_dir: Path = BUILD, tools=TOOLS) -> dict[str, Path]:
-    """Compile the tools whose binary is missing or older than its source or frame.h."""
+    """Compile the tools whose binary is missing or older than its source or packet_tools.h."""
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("the benchmarks compile their packet tools: install gcc (apt-get install gcc libc6-dev)")
     build_dir.mkdir(parents=True, exist_ok=True)
-    shared = (SOURCES / "frame.h").stat().st_mtime
+    shared = (SOURCES / "packet_tools.h").stat().st_mtime
     binaries = {}
     for tool in tools:
         source, binary = SOURCES / f"{tool}.c", build_dir / tool

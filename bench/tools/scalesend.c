@@ -37,19 +37,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "frame.h"
+#include "packet_tools.h"
 
 #define MAX_STREAMS 200000
 #define BATCH 64
-
-static volatile sig_atomic_t stop;
-static void on_signal(int sig) { (void)sig; stop = 1; }
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static void sleep_until(double t) {
     double wait = t - now();
@@ -139,20 +130,9 @@ int main(int argc, char **argv) {
 
     struct in_addr src_addr;
     if (inet_pton(AF_INET, src, &src_addr) != 1) usage();
-    fd = socket(AF_PACKET, SOCK_RAW, 0); /* protocol 0: sends only */
-    if (fd < 0) { perror("socket(AF_PACKET)"); return 1; }
-    int sndbuf = 4 << 20;
-    setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof sndbuf);
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", ifname);
-    if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0) { perror("SIOCGIFHWADDR"); return 1; }
     uint8_t smac[6], dmac[6];
-    memcpy(smac, ifr.ifr_hwaddr.sa_data, 6);
-    if (parse_mac(mac, dmac) < 0) usage();
-    struct sockaddr_ll ll = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_IP),
-                             .sll_ifindex = (int)if_nametoindex(ifname)};
-    if (!ll.sll_ifindex || bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) { perror("bind(AF_PACKET)"); return 1; }
+    fd = open_packet_socket(ifname, mac, smac, dmac);
+    if (fd < 0) return 1;
 
     uint8_t *payload = calloc(1, size);
     memset(payload, 0xd5, size);

@@ -32,19 +32,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "packet_tools.h"
+
 #define MAX_PORTS 65536
 #define MAX_GROUPS 16
 #define VLEN 64
 #define MAX_INTERVALS 100000
-
-static volatile sig_atomic_t stop;
-static void on_signal(int sig) { (void)sig; stop = 1; }
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static void usage(void) {
     fprintf(stderr, "usage: udprecv -a ADDRESS -P FILE [-t SECONDS] [-i INTERVAL] [-R FILE] [-E]\n"

@@ -53,7 +53,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "frame.h"
+#include "packet_tools.h"
 
 #define MAX_BATCH 256
 #define MAX_STREAMS 65536
@@ -67,15 +67,6 @@ struct slice_record {
 };
 static struct slice_record slices[MAX_SLICES];
 static int nslices;
-
-static volatile sig_atomic_t stop;
-static void on_signal(int sig) { (void)sig; stop = 1; }
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static void usage(void) {
     fprintf(stderr, "usage: udpsend -a SRC_IP -P FILE [-l SIZE] [-t SECONDS] [-r PPS] [-b BATCH] [-S SLICE_MS]\n"
@@ -175,25 +166,9 @@ int main(int argc, char **argv) {
     int pfd = -1, frame_len = 14 + 20 + 8 + size;
     uint8_t *frames = NULL;
     if (packet_mode) {
-        pfd = socket(AF_PACKET, SOCK_RAW, 0); /* protocol 0: sends only, receives nothing */
-        if (pfd < 0) { perror("socket(AF_PACKET)"); return 1; }
-        int one = 1;
-        setsockopt(pfd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
-        int sndbuf = 4 << 20;
-        setsockopt(pfd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof sndbuf);
-        struct ifreq ifr;
-        memset(&ifr, 0, sizeof ifr);
-        snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", ifname);
-        if (ioctl(pfd, SIOCGIFHWADDR, &ifr) < 0) { perror("SIOCGIFHWADDR"); return 1; }
         uint8_t smac[6], dmac[6];
-        memcpy(smac, ifr.ifr_hwaddr.sa_data, 6);
-        if (parse_mac(mac, dmac) < 0) { fprintf(stderr, "udpsend: bad MAC %s\n", mac); return 2; }
-        struct sockaddr_ll ll = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_IP),
-                                 .sll_ifindex = (int)if_nametoindex(ifname)};
-        if (!ll.sll_ifindex || bind(pfd, (struct sockaddr *)&ll, sizeof ll) < 0) {
-            perror("bind(AF_PACKET)");
-            return 1;
-        }
+        pfd = open_packet_socket(ifname, mac, smac, dmac);
+        if (pfd < 0) return 1;
         frames = calloc(n, frame_len);
         for (int i = 0; i < n; i++)
             build_frame(frames + (size_t)i * frame_len, dmac, smac, src_addr, streams[i].dst, streams[i].sport,

@@ -1,12 +1,30 @@
-/* What the packet tools share: Ethernet + IPv4 + UDP frames built in advance
- * for an AF_PACKET socket (udpsend.c, scalesend.c). */
-#ifndef MEDIAPROXY_BENCH_FRAME_H
-#define MEDIAPROXY_BENCH_FRAME_H
+/* What the packet tools share (udpsend.c, udprecv.c, scalesend.c): a stop flag
+ * set by signals, a monotonic clock, and Ethernet + IPv4 + UDP frames built in
+ * advance for an AF_PACKET socket. */
+#ifndef MEDIAPROXY_BENCH_PACKET_TOOLS_H
+#define MEDIAPROXY_BENCH_PACKET_TOOLS_H
 
+#include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/ethernet.h>
+#include <net/if.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+
+static volatile sig_atomic_t stop;
+static inline void on_signal(int sig) { (void)sig; stop = 1; }
+
+static inline double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
 
 static inline uint16_t checksum(const void *data, size_t len, uint32_t sum) {
     const uint8_t *p = data;
@@ -63,6 +81,28 @@ static inline int build_frame(uint8_t *buf, const uint8_t dmac[6], const uint8_t
     udp[6] = c >> 8;
     udp[7] = c & 0xff;
     return 14 + iplen;
+}
+
+/* An AF_PACKET socket on IFACE that sends frames to the next hop NEXT_HOP_MAC;
+ * its own MAC in smac, the next hop's in dmac. -1 (and a message) on failure. */
+static inline int open_packet_socket(const char *ifname, const char *next_hop_mac, uint8_t smac[6],
+                                     uint8_t dmac[6]) {
+    if (parse_mac(next_hop_mac, dmac) < 0) { fprintf(stderr, "bad MAC %s\n", next_hop_mac); return -1; }
+    int fd = socket(AF_PACKET, SOCK_RAW, 0); /* protocol 0: sends only, receives nothing */
+    if (fd < 0) { perror("socket(AF_PACKET)"); return -1; }
+    int one = 1;
+    setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one);
+    int sndbuf = 4 << 20;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof sndbuf);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", ifname);
+    if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0) { perror("SIOCGIFHWADDR"); return -1; }
+    memcpy(smac, ifr.ifr_hwaddr.sa_data, 6);
+    struct sockaddr_ll ll = {.sll_family = AF_PACKET, .sll_protocol = htons(ETH_P_IP),
+                             .sll_ifindex = (int)if_nametoindex(ifname)};
+    if (!ll.sll_ifindex || bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) { perror("bind(AF_PACKET)"); return -1; }
+    return fd;
 }
 
 #endif
