@@ -22,6 +22,18 @@ log = logging.getLogger("mediaproxy.relay")
 MAX_BIND_ATTEMPTS = 64
 
 
+def _may_time_out(session, recent: float) -> bool:
+    """Whether a stream of the session was silent in user space since `recent`, or no stream
+    is left: the sessions check_timeouts must look at."""
+    live = False
+    for stream in session.streams:
+        if stream is not None and stream.end_time is None:
+            if not stream.in_kernel and stream.last_activity <= recent:
+                return True
+            live = True
+    return not live
+
+
 class RelayCore:
     def __init__(self, advertised_ip: str, ports: PortPool, forwarding: Forwarding, now: float,
                  routable=lambda ip: True, version: str = __version__, stream_timeout: float = 90,
@@ -131,20 +143,12 @@ class RelayCore:
     def check_timeouts(self, now: float) -> list:
         """End the streams silent for too long; (owner, statistics) of each session that ended with them."""
         expired = []
-        # Every second over every session: most streams are running (in the kernel, or with
-        # recent media), which the first loop tells cheaply; only the others are looked at.
+        # Every second over every session: most are running (in the kernel, or with recent
+        # media) and are passed over cheaply; only the others are looked at closely.
         recent = now - min(self.stream_timeout, self.on_hold_timeout)
         for session in list(self.sessions.values()):
-            live = False
-            for stream in session.streams:
-                if stream is None or stream.end_time is not None:
-                    continue
-                live = True
-                if not stream.in_kernel and stream.last_activity <= recent:
-                    break
-            else:
-                if live:
-                    continue
+            if not _may_time_out(session, recent):
+                continue
             for stream in session.active_streams:
                 timed_out = stream.timed_out(now, self.stream_timeout, self.on_hold_timeout)
                 if timed_out is not None:

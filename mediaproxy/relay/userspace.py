@@ -50,15 +50,9 @@ class MediaPort:
         forwarding.reactor.addReader(self)
 
     def drain(self) -> None:
-        """Count what waits in the socket and drop it: the kernel relays this port from now on,
-        and these packets, sent now from user space, would not be NATed like its packets."""
-        receiver, component, now = self.receiver, self.component, self.forwarding.clock.seconds()
-        while True:
-            try:
-                data, address = self.socket.recvfrom(MAX_DATAGRAM)
-            except OSError:
-                return
-            receiver(component, address[:2], data, now)
+        """Read all that waits in the socket. Called when the kernel takes this port over: the
+        packets are counted, and not sent (their out port is the kernel's by then, see _read)."""
+        self._read(1 << 62)
 
     def stopListening(self) -> None:
         if self.socket.fileno() >= 0:
@@ -66,11 +60,14 @@ class MediaPort:
             self.socket.close()
 
     def doRead(self):
+        self._read(READS_PER_TURN)
+
+    def _read(self, limit: int) -> None:
         # The per-packet path of user-space forwarding.
         forwarding = self.forwarding
         recvfrom, receiver, component = self.socket.recvfrom, self.receiver, self.component
         now = forwarding.clock.seconds()
-        for _ in range(READS_PER_TURN):
+        for _ in range(limit):
             try:
                 data, address = recvfrom(MAX_DATAGRAM)
             except OSError as e:

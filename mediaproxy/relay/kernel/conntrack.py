@@ -64,7 +64,8 @@ class ConntrackTable:
         self.relay_ip = relay_ip
         self.mark = mark
         self.by_orig = {}             # orig Tuple5 -> KernelEntry
-        self.by_port = {}             # relay port (even, either leg) -> its stream's KernelEntry list (shared)
+        self.by_port = {}             # relay port (even, either leg) -> its stream's KernelEntry list, one
+                                      # list shared by both legs' ports
         self.kernel_ports = set()     # relay ports (RTP or RTCP, both legs) whose packets the kernel relays
 
     def __len__(self):
@@ -138,17 +139,13 @@ class ConntrackTable:
             self.by_orig[entry.orig] = entry
             if entry.component == RTP:
                 entry.stream.in_kernel = True
-            legs = entry.stream.legs.values()
-            shared = None
-            for leg in legs:
-                shared = self.by_port.get(leg.port)
-                if shared is not None:
-                    break
+            shared = self.by_port.get(entry.stream.leg(CALLER).port)
             if shared is None:
                 shared = []
+                for leg in entry.stream.legs.values():
+                    self.by_port[leg.port] = shared
             shared.append(entry)
-            for leg in legs:
-                self.by_port[leg.port] = shared
+            for leg in entry.stream.legs.values():
                 self.kernel_ports.add(leg.port + entry.component)
             installed.append(entry)
         return installed
@@ -178,14 +175,13 @@ class ConntrackTable:
         self.by_orig.pop(entry.orig, None)
         if entry.component == RTP:
             entry.stream.in_kernel = False
+        shared = self.by_port.get(entry.stream.leg(CALLER).port)
+        if shared is not None and entry in shared:
+            shared.remove(entry)
         for leg in entry.stream.legs.values():
             self.kernel_ports.discard(leg.port + entry.component)
-            shared = self.by_port.get(leg.port)
-            if shared is not None:
-                if entry in shared:
-                    shared.remove(entry)
-                if not shared:
-                    del self.by_port[leg.port]
+            if not shared:
+                self.by_port.pop(leg.port, None)
 
     def ended(self, entry: KernelEntry, kernel_entry=None) -> None:
         """The kernel destroyed the entry by itself; kernel_entry carries its last counters.

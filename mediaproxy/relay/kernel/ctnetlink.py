@@ -12,6 +12,7 @@ attributes (length, type, payload padded to 4 bytes); ctnetlink nests the
 tuple and NAT attributes. Ports and marks are big endian.
 """
 
+import functools
 import socket
 import struct
 from dataclasses import dataclass
@@ -159,16 +160,7 @@ _NAT_FLAGS = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
 # (the relay's own in every message), and ports in network byte order from a
 # table instead of a call each.
 NET_PORT = tuple(socket.htons(port) for port in range(65536))
-_packed_ipv4 = {}
-
-
-def packed_ipv4(ip: str) -> bytes:
-    packed = _packed_ipv4.get(ip)
-    if packed is None:
-        if len(_packed_ipv4) > 65536:
-            _packed_ipv4.clear()
-        packed = _packed_ipv4[ip] = socket.inet_aton(ip)
-    return packed
+packed_ipv4 = functools.lru_cache(maxsize=65536)(socket.inet_aton)
 
 
 def _tuple4_values(kind, src, dst, sport, dport):
@@ -290,16 +282,7 @@ _TUPLE4_EXPECTED = (52, 20, 8, CTA_IP_V4_SRC, 8, CTA_IP_V4_DST, 28, 5, CTA_PROTO
 _PORTS = struct.Struct(">H6xH")
 _COUNTERS64 = struct.Struct(">4xQ4xQ")
 _U32 = struct.Struct(">I")
-_ip_names = {}
-
-
-def _ipv4(packed: bytes) -> str:
-    name = _ip_names.get(packed)
-    if name is None:
-        if len(_ip_names) > 65536:
-            _ip_names.clear()
-        name = _ip_names[packed] = socket.inet_ntoa(packed)
-    return name
+_ipv4 = functools.lru_cache(maxsize=65536)(socket.inet_ntoa)     # the same few addresses, over and over
 
 
 def _decode_tuple_at(data, header: int, end: int):

@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from mediaproxy.relay.kernel.conntrack import IPV4_UDP_HEADERS, ConntrackTable, entry_for, udp_stream_timeout
 from mediaproxy.relay.kernel.iptables import IptablesError
-from mediaproxy.relay.kernel.netlink import DumpSocket, EventSocket, NetlinkError
+from mediaproxy.relay.kernel.netlink import EventSocket, NetlinkError, WalkSocket
 from mediaproxy.relay.kernel.parking import PortParking
 from mediaproxy.relay.streams import CALLER, CONNTRACK_TIMEOUT, RTP
 from mediaproxy.relay.userspace import UserspaceForwarding
@@ -52,14 +52,14 @@ class _Evictor:
 
     def __init__(self, reactor):
         self.reactor = reactor
-        self.walk = DumpSocket()
+        self.walk = WalkSocket()
         self.running = False
 
     def fileno(self):
         return self.walk.fileno()
 
     def start(self) -> None:
-        self.walk.start_evicting_walk()
+        self.walk.start()
         self.reactor.addReader(self)
         self.running = True
 
@@ -71,7 +71,7 @@ class _Evictor:
 
     def doRead(self):
         try:
-            _, done = self.walk.read()
+            done = self.walk.finished()
         except (NetlinkError, OSError) as e:
             log.error("could not walk the kernel's conntrack table: %s", e)
             done = True

@@ -117,9 +117,9 @@ class ConntrackSocket:
                     raise NetlinkError(message.errno, "conntrack dump refused")
 
 
-class DumpSocket:
-    """A dump of our entries read a part (one netlink message buffer) at a time, so that
-    the reactor goes on between the parts: a dump of 20,000 entries takes half a second."""
+class WalkSocket:
+    """The evicting walk of the table (ctnetlink.encode_evicting_walk) on a socket of its own,
+    its answer (only its end: it lists nothing) read without blocking."""
 
     def __init__(self):
         self.sock = _open()
@@ -133,33 +133,24 @@ class DumpSocket:
     def close(self) -> None:
         self.sock.close()
 
-    def start(self, mark, family: int = socket.AF_INET) -> None:
-        self.seq = next(self._seqs)
-        self.sock.send(ctnetlink.encode_dump(self.seq, mark, family))
-
-    def start_evicting_walk(self, family: int = socket.AF_INET) -> None:
-        """A walk that lists nothing and makes the kernel destroy what timed out (see
-        ctnetlink.encode_evicting_walk); read() then gives no entries, only the end."""
+    def start(self, family: int = socket.AF_INET) -> None:
         self.seq = next(self._seqs)
         self.sock.send(ctnetlink.encode_evicting_walk(self.seq, family))
 
-    def read(self):
-        """(entries, finished): the next part of the dump, if the kernel has it ready."""
+    def finished(self) -> bool:
+        """Whether the walk has ended, from what the kernel has sent so far."""
         try:
             data = self.sock.recv(RECEIVE_SIZE)
         except BlockingIOError:
-            return [], False
-        entries = []
+            return False
         for message in ctnetlink.decode_messages(data):
             if message.seq != self.seq:
                 continue
-            if isinstance(message, Entry):
-                entries.append(message)
-            elif isinstance(message, Done):
-                return entries, True
-            elif isinstance(message, Ack) and message.errno:
-                raise NetlinkError(message.errno, "conntrack dump refused")
-        return entries, False
+            if isinstance(message, Done):
+                return True
+            if isinstance(message, Ack) and message.errno:
+                raise NetlinkError(message.errno, "conntrack walk refused")
+        return False
 
 
 class EventSocket:
