@@ -121,14 +121,41 @@ def _kill(pid: int, signum: int) -> None:
         pass
 
 
+# -- what the servers share --
+
+
+class _ServerProcess:
+    """A server run as one ProcessManager child (``self.process``), stopped by a signal to
+    the server alone (not to its PID namespace's tiny init, whose end would kill the server
+    before its own shutdown), then by the manager for what is left."""
+
+    process = None
+    STOP_SIGNAL = signal.SIGTERM
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.running:
+            self.process.send_signal(self.STOP_SIGNAL)
+            try:
+                self.process.wait(timeout=30)
+            except AssertionError:
+                pass                       # stop() below kills what is left
+        if self.process is not None:
+            self.process.stop(timeout=5)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+
 # -- PostgreSQL --
 
 
-class PostgresServer:
+class PostgresServer(_ServerProcess):
     """A throwaway PostgreSQL cluster on 127.0.0.1:port."""
 
     USER = "mediaproxy"
     PASSWORD = "mp-accounting-secret"
+    STOP_SIGNAL = signal.SIGINT        # fast shutdown: open connections are cut, as when a server goes down
 
     def __init__(self, manager: ProcessManager, template: Path | None = None, fsync: bool = True,
                  name: str = "postgresql"):
@@ -196,24 +223,6 @@ class PostgresServer:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return result.returncode == 0
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT: open connections are cut, as when a server goes down).
-
-        The signal goes to the postmaster alone: the tiny init of its PID
-        namespace is a Python that a SIGINT to the whole group would end, and
-        the kernel would then kill postgres before its shutdown checkpoint."""
-        if self.process is not None and self.process.running:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except AssertionError:
-                pass                       # stop() below kills what is left
-        if self.process is not None:
-            self.process.stop(timeout=5)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
 
     def freeze(self) -> None:
         """SIGSTOP every postgres process: the port still accepts TCP connections (the kernel
@@ -252,7 +261,7 @@ class PostgresServer:
 # -- FreeRADIUS --
 
 
-class RadiusServer:
+class RadiusServer(_ServerProcess):
     """FreeRADIUS in debug mode on 127.0.0.1, logging accounting requests to ``detail_path``."""
 
     SECRET = "mp-radius-secret"
@@ -318,14 +327,6 @@ class RadiusServer:
                                           cwd=self.directory)
         # Each start has a log of its own (the manager names a restart freeradius-2, ...).
         self.process.wait_for_log(r"Ready to process requests", timeout=START_TIMEOUT)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop(timeout=10, signum=signal.SIGTERM)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
 
     def client_config(self, directory: Path, timeout: int = 2, retries: int = 1) -> Path:
         """The proxy's radiusclient-style configuration for this server (written into `directory`).
@@ -448,7 +449,7 @@ def mariadb_missing_requirements() -> list[str]:
     return problems
 
 
-class MariaDBServer:
+class MariaDBServer(_ServerProcess):
     """A throwaway MariaDB server on 127.0.0.1:port (``durable=False``: commits are not
     flushed to disk one by one, for tests that never crash it)."""
 
@@ -520,20 +521,6 @@ class MariaDBServer:
             return False
         return True
 
-    def stop(self) -> None:
-        """A normal shutdown (SIGTERM to mariadbd alone, not to its namespace's init)."""
-        if self.process is not None and self.process.running:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except AssertionError:
-                pass                       # stop() below kills what is left
-        if self.process is not None:
-            self.process.stop(timeout=5)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
 
     def url(self, database: str = "mysql", driver: str = "pymysql") -> str:
         """The SQLAlchemy URL (``mysql+pymysql://``; plain ``mysql://`` means mysqlclient)."""
