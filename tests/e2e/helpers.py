@@ -43,20 +43,24 @@ def render_kamailio_cfg(
     listen_port: int = SIP_PORT,
 ) -> Path:
     """Write the config from the template; MediaProxy is engaged iff ``dispatcher_socket``."""
-    text = KAMAILIO_TEMPLATE.read_text()
     defines = "#!define WITH_MEDIAPROXY" if dispatcher_socket is not None else "# without MediaProxy"
-    values = {
+    return fill_template(KAMAILIO_TEMPLATE, path, {
         "DEFINES": defines,
         "LISTEN_IP": listen_ip,
         "LISTEN_PORT": str(listen_port),
         "RUNDIR": str(rundir),
         "DISPATCHER_SOCKET": str(dispatcher_socket or ""),
-    }
+    })
+
+
+def fill_template(template: Path, path: Path, values: dict[str, str]) -> Path:
+    """``path``: the text of ``template`` with every ``@KEY@`` replaced; a key left is an error."""
+    text = template.read_text()
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
     left = re.findall(r"@[A-Z_]+@", text)
     if left:
-        raise ValueError(f"placeholders left in {KAMAILIO_TEMPLATE}: {left}")
+        raise ValueError(f"placeholders left in {template}: {left}")
     path.write_text(text)
     return path
 

@@ -44,6 +44,7 @@ from tests.e2e.helpers import (
     Daemon,
     Management,
     dispatcher_socket,
+    fill_template,
     sipp_messages,
     start_dispatcher,
     start_relay,
@@ -92,20 +93,12 @@ def write_tone(path: Path, seconds: float = TONE_SECONDS) -> Path:
 
 
 def render_kamailio_cfg(path: Path, listen_ip: str, rundir: Path, socket_path: Path, port: int = SIP_PORT) -> Path:
-    text = KAMAILIO_TEMPLATE.read_text()
-    values = {
+    return fill_template(KAMAILIO_TEMPLATE, path, {
         "LISTEN_IP": listen_ip,
         "LISTEN_PORT": str(port),
         "RUNDIR": str(rundir),
         "DISPATCHER_SOCKET": str(socket_path),
-    }
-    for key, value in values.items():
-        text = text.replace(f"@{key}@", value)
-    left = re.findall(r"@[A-Z_]+@", text)
-    if left:
-        raise ValueError(f"placeholders left in {KAMAILIO_TEMPLATE}: {left}")
-    path.write_text(text)
-    return path
+    })
 
 
 # -- sipp --
