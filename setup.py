@@ -14,7 +14,7 @@ setup(
     license="GPL-2.0-only",
     author="MediaProxy developers",
     packages=find_packages(include=["mediaproxy", "mediaproxy.*"]),
-    scripts=["scripts/media-dispatcher", "scripts/media-relay"],
+    scripts=["scripts/media-dispatcher", "scripts/media-relay", "scripts/media-sessions"],
     python_requires=">=3.11",
     install_requires=[
         "twisted>=22.4",

@@ -28,8 +28,13 @@ sessions with distinct call ids. Scenarios, interleaved round after round
   scheduled time, its latency counted from that time): ours, then rtpengine
   at the same rate for reference.
 
+A third server, the floor (bench/control_floor.py): the same two hops (UNIX
+socket, then TLS with our certificates, in Twisted) with no work at either
+end, to show what the hops themselves cost on this machine.
+
 Figures: control_rate_1, control_rate_1_rtpengine, control_rate_8,
-control_rate_8_rtpengine (sessions/s), control_p99_ms (ours, open loop).
+control_rate_8_rtpengine (sessions/s), control_p99_ms (ours, open loop),
+control_rate_1_floor, control_rate_8_floor.
 Targets (issue 8): rate ratio >= 0.5 with 1 client, >= 0.8 with 8, p99 < 5 ms.
 The clients' and the daemons' CPU during every run are in "details".
 """
@@ -55,7 +60,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 KEYS = ("control_rate_1", "control_rate_1_rtpengine", "control_rate_8", "control_rate_8_rtpengine",
-        "control_p99_ms")
+        "control_p99_ms", "control_rate_1_floor", "control_rate_8_floor")
 TARGET_RATIO_1 = 0.5
 TARGET_RATIO_8 = 0.8
 TARGET_P99_MS = 5.0
@@ -69,7 +74,8 @@ CALLER_SDP_IP = "198.18.1.10"           # what the SDP says (no media is sent)
 CALLEE_SDP_IP = "198.18.2.20"
 PDEATHSIG = ("setpriv", "--pdeathsig", "KILL")
 KINDS = ("offer", "answer", "remove")
-SERVERS = ("ours", "rtpengine")
+SERVERS = ("ours", "rtpengine", "floor")     # floor: bench/control_floor.py, the same hops with no work
+FLOOR_PORT = 25070
 
 
 class Options:
@@ -188,8 +194,27 @@ class Clients:
                 proc.wait(timeout=5)
 
 
+class Floor:
+    """bench/control_floor.py's two processes in the relay namespace, used like Daemons."""
+
+    def __init__(self, manager, topo, certs: Path, runtime: Path, relay_ip: str):
+        self.socket_path = runtime / "floor.sock"
+        ns = topo.ns("relay")
+        script = str(HERE / "control_floor.py")
+        self.front = manager.start("floor-front", [sys.executable, script, "front", str(certs), str(self.socket_path),
+                                                   relay_ip, str(FLOOR_PORT)], netns=ns)
+        self.front.wait_for_log(r"listening", timeout=15)
+        self.back = manager.start("floor-back", [sys.executable, script, "back", str(certs), relay_ip,
+                                                 str(FLOOR_PORT)], netns=ns)
+        self.front.wait_for_log(r"back connected", timeout=15)
+
+    def pids(self) -> dict:
+        return {"floor-front": self.front.command_pid, "floor-back": self.back.command_pid}
+
+
 class Bench:
-    def __init__(self, opts: Options, topo, clients: Clients, daemons, rtpengine, relay_ip: str):
+    def __init__(self, opts: Options, topo, clients: Clients, daemons, rtpengine, relay_ip: str, floor=None):
+        self.floor = floor
         self.opts = opts
         self.topo = topo
         self.clients = clients
@@ -202,6 +227,8 @@ class Bench:
         pids = dict((daemons or self.daemons).pids())
         if self.rtpengine is not None and daemons is None:
             pids["rtpengine"] = self.rtpengine.command_pid
+        if self.floor is not None and daemons is None:
+            pids.update(self.floor.pids())
         return pids
 
     def run(self, server: str, clients: int, seconds: float, mode: str = "closed",
@@ -210,6 +237,11 @@ class Bench:
         (and raw latencies). `daemons`: another dispatcher + relay to measure instead of ours (A/B)."""
         from bench.relay import cpu_seconds
 
+        if server == "floor":
+            # the floor speaks the proxy module's protocol: the clients take it for ours
+            summary = self.run("ours", clients, seconds, mode, session_rate, daemons=self.floor)
+            summary["server"] = "floor"
+            return summary
         self.job_id += 1
         start = time.monotonic() + 0.15          # every client connected and waiting
         jobs = []
@@ -292,8 +324,9 @@ def environment(opts: Options, workdir: Path, reference: bool = True):
             daemons = Daemons(topo, workdir, manager, OUR_PORTS)
             daemons.start(relay_options={"kernel_forwarding": "no"})
             rtpengine = start_rtpengine(manager, topo, RELAY_IP) if reference else None
+            floor = Floor(manager, topo, workdir / "tls", daemons.runtime, RELAY_IP) if reference else None
             clients = Clients(topo, opts.clients, workdir / "logs")
-            yield Bench(opts, topo, clients, daemons, rtpengine, RELAY_IP)
+            yield Bench(opts, topo, clients, daemons, rtpengine, RELAY_IP, floor)
         finally:
             if clients is not None:
                 clients.stop()
@@ -345,6 +378,7 @@ def run(smoke: bool, workdir: Path) -> dict:
         for n, key in ((1, "control_rate_1"), (opts.clients, "control_rate_8")):
             figures[key] = median([r["rate"] for r in of("ours", n)])
             figures[key + "_rtpengine"] = median([r["rate"] for r in of("rtpengine", n)])
+            figures[key + "_floor"] = median([r["rate"] for r in of("floor", n)])
 
         # -- open loop at 80 % of our 8-client peak: ours and rtpengine at that same rate --
         peak = max(r["rate"] for r in of("ours", opts.clients))
@@ -357,6 +391,7 @@ def run(smoke: bool, workdir: Path) -> dict:
                 log(f"open loop {round_ + 1}/{opts.open_rounds} {server} at {offered:.0f} sessions/s: "
                     f"{r['rate']:.0f} done, p99 {r['all_p99_ms']} ms, errors {r['errors']}")
         open_ours, open_ref = of("ours", opts.clients, "open"), of("rtpengine", opts.clients, "open")
+        open_floor = of("floor", opts.clients, "open")
         figures["control_p99_ms"] = _pooled(open_ours)
         ref_p99 = _pooled(open_ref)
 
@@ -374,6 +409,11 @@ def run(smoke: bool, workdir: Path) -> dict:
                              None if ratio is None else round(ratio, 3), f">= {target} x rtpengine",
                              _status(smoke, None if ratio is None else ratio >= target)))
             details[f"ratios_{n}"] = [round(x, 3) for x in ratios]
+            floor = figures[key + "_floor"]
+            reference = figures[key + "_rtpengine"]
+            rows.append(_row(f"sessions/s, {n} client{'s' if n > 1 else ''}: the floor (the same hops, no work)",
+                             floor, reference, None if not (floor and reference) else round(floor / reference, 3),
+                             None, "info"))
         p99 = figures["control_p99_ms"]
         rows.append(_row(f"p99 latency ms, open loop at 80% of our peak ({offered:.0f} sessions/s, "
                          f"{opts.clients} clients)", p99, ref_p99,
@@ -387,6 +427,10 @@ def run(smoke: bool, workdir: Path) -> dict:
                     rows.append(_row(f"{kind} p{q} ms, {n} client{'s' if n > 1 else ''} (closed loop)", ours_v,
                                      ref_v, None if not (ours_v and ref_v) else round(ours_v / ref_v, 2),
                                      None, "info"))
+        floor_p99 = _pooled(open_floor)
+        rows.append(_row("p99 latency ms, open loop at the same rate: the floor (the same hops, no work)", floor_p99,
+                         ref_p99, None if not (floor_p99 and ref_p99) else round(floor_p99 / ref_p99, 2), None,
+                         "info"))
         for kind in KINDS:
             ours_v, ref_v = _pooled(open_ours, kind, 99), _pooled(open_ref, kind, 99)
             rows.append(_row(f"{kind} p99 ms, open loop", ours_v, ref_v,
@@ -410,7 +454,7 @@ def run(smoke: bool, workdir: Path) -> dict:
                     f"{server}, {n} client(s): {median([r['rate'] for r in rs]):.0f} sessions/s; CPU cores busy "
                     f"(median): clients {mean_of(rs, ('clients_cpu',)):.2f}, " +
                     ", ".join(f"{name} {value:.2f}" for name, value in cpu.items() if value is not None and
-                              (server == 'ours') == (name != 'rtpengine')))
+                              _belongs(name, server)))
         notes.append("the machine has %d CPUs shared by the clients and the servers: a client's CPU is taken "
                      "from the server it measures (each client is a blocking Python loop, ~%.0f us of its own "
                      "CPU a session)" % (os.cpu_count() or 1, _client_cost_us(runs)))
@@ -419,6 +463,12 @@ def run(smoke: bool, workdir: Path) -> dict:
         details["runs"] = [{k: v for k, v in r.items() if k != "_latencies"} for r in runs]
         details["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return {"figures": figures, "rows": rows, "details": details, "notes": notes}
+
+
+def _belongs(process: str, server: str) -> bool:
+    if server == "floor":
+        return process.startswith("floor-")
+    return process == "rtpengine" if server == "rtpengine" else process in ("relay", "dispatcher")
 
 
 def _client_cost_us(runs) -> float:

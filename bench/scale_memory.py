@@ -11,8 +11,8 @@ allocated them and by object type):
                   one RTCP packet from each party (latched, codec known);
   relay_kernel    what the kernel path adds per stream: the two KernelEntry
                   objects of ConntrackTable.install (a netlink stand-in that
-                  accepts everything), its by_orig/by_port/kernel_ports, and
-                  the four parked ports (PortParking.parked, a set of ports);
+                  accepts everything) and its by_port index (parked ports
+                  keep nothing: PortParking counts them);
   dispatcher      Dispatcher.sessions: one SessionRecord per call, as
                   Dispatcher._update makes it.
 
@@ -132,11 +132,9 @@ def build_relay(n: int):
 
 def build_kernel(core, n: int):
     from mediaproxy.relay.kernel.conntrack import ConntrackTable, entry_for
-    from mediaproxy.relay.streams import CALLEE, CALLER
 
     streams = [s for session in core.sessions.values() for s in session.active_streams]
     table = ConntrackTable(FakeNetlink(), None, RELAY_IP, 0x4D50, "mediaproxy-4d50")
-    parked = set()
     with Measured("relay_kernel", n) as measured:
         batch = []
         for stream in streams:
@@ -146,12 +144,7 @@ def build_kernel(core, n: int):
                 table.install(batch)
                 batch = []
         table.install(batch)
-        for stream in streams:
-            for party in (CALLER, CALLEE):
-                for component in (0, 1):
-                    # what PortParking.park keeps: the port
-                    parked.add(stream.leg(party).port + component)
-    return (table, parked), measured.result
+    return table, measured.result
 
 
 def build_dispatcher(n: int):

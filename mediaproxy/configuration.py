@@ -21,6 +21,7 @@ LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.W
 PASSPORT_ATTRIBUTES = {"O": "O", "OU": "OU", "CN": "CN", "C": "C", "L": "L", "ST": "ST",
                        "EMAIL": "emailAddress", "EMAILADDRESS": "emailAddress"}
 ACCOUNTING_BACKENDS = frozenset(["database", "radius"])
+MANAGEMENT_PORT = 25061
 
 
 class ConfigError(Exception):
@@ -174,8 +175,9 @@ class DispatcherConfig:
     socket_path: str = option(parse_text, "dispatcher.sock")
     socket_group: Optional[str] = option(parse_optional_text, None)
     listen: tuple = option(parse_listen_address(25060), ("0.0.0.0", 25060))
-    listen_management: tuple = option(parse_listen_address(25061), ("0.0.0.0", 25061))
+    listen_management: Optional[tuple] = option(parse_listen_address(MANAGEMENT_PORT), None)
     management_use_tls: bool = option(parse_boolean, True)
+    management_idle_timeout: float = option(parse_positive_number, 300)
     passport: Optional[dict] = option(parse_passport, None)
     management_passport: Optional[dict] = option(parse_passport, None)
     relay_timeout: float = option(parse_positive_number, 5)
@@ -184,6 +186,17 @@ class DispatcherConfig:
     cleanup_expired_sessions_after: float = option(parse_positive_number, 86400)
     accounting: tuple = option(parse_accounting_list, ())
     log_level: int = option(parse_log_level, logging.INFO)
+
+    def __post_init__(self):
+        # Unset, the management port listens everywhere only when TLS guards it.
+        if self.listen_management is None:
+            host = "0.0.0.0" if self.management_use_tls else "127.0.0.1"
+            object.__setattr__(self, "listen_management", (host, MANAGEMENT_PORT))
+
+    @property
+    def management_exposed(self) -> bool:
+        """Plain-TCP management on an address other hosts may reach."""
+        return not self.management_use_tls and not ipaddress.ip_address(self.listen_management[0]).is_loopback
 
 
 @dataclass(frozen=True)
@@ -210,6 +223,7 @@ class RelayConfig:
 class TLSConfig:
     certs_path: str = option(parse_text, "tls")
     verify_interval: float = option(parse_positive_number, 300)
+    handshake_timeout: float = option(parse_positive_number, 10)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from mediaproxy import __version__
 from mediaproxy.configuration import ConfigError, load_configuration
@@ -41,13 +42,31 @@ def parse_options(name: str, argv=None):
     return parser.parse_args(argv)
 
 
+class _Formatter(logging.Formatter):
+    """The standard format, with the time text made once a second instead of once a line."""
+
+    _second = None
+    _second_text = ""
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._second_text = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return "%s,%03d" % (self._second_text, record.msecs)
+
+
 def setup_logging(name: str, options, level: int) -> None:
+    # Session lines are logged on every request: leave out what the formats here never show
+    # (the logging HOWTO's "Optimization": the caller's frame, thread and multiprocessing names).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     if options.no_fork:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        handler.setFormatter(_Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     elif options.systemd:
         handler = logging.StreamHandler(sys.stderr)      # the journal adds time and name
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -128,7 +147,9 @@ def run(name: str, build_service, level_of, on_sighup=None, argv=None) -> int:
         write_pid_file(pid_path)
 
     from twisted.internet import reactor
+    from mediaproxy import outgoing
     bridge_twisted_logging()
+    outgoing.install(reactor)
     try:
         root = build_service(configuration, reactor)
         root.startService()

@@ -1,7 +1,9 @@
 """Checks on the certificate of a TLS peer, for the Twisted protocols of both daemons.
 
-After the handshake the peer's subject is checked against the passport; every
-verify_interval the certificate is checked again for expiry and revocation.
+A connection must finish its TLS handshake within handshake_timeout; then the
+peer's subject is checked against the passport; every verify_interval the
+certificate is checked again for expiry and revocation. Each refusal, drop or
+failed handshake is one log line.
 """
 
 import logging
@@ -10,9 +12,11 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 
-from mediaproxy.tls import Credentials, identity_mismatch, passport_mismatch, subject_text
+from mediaproxy.tls import Credentials, handshake_failure_text, identity_mismatch, passport_mismatch, subject_text
 
 log = logging.getLogger("mediaproxy.tls")
+
+HANDSHAKE_TIMEOUT = 10     # seconds; [TLS] handshake_timeout when the factory carries it
 
 
 @implementer(IHandshakeListener)
@@ -20,7 +24,9 @@ class VerifiedPeerProtocol(Protocol):
     """Base of protocols on mutually authenticated TLS connections.
 
     Subclasses set `peer_kind` (for logs) and implement `peer_verified()`;
-    `credentials`, `passport`, `verify_interval` and `clock` come from the factory.
+    `credentials`, `passport`, `verify_interval` and `clock` come from the
+    factory, which may also have a `handshake_timeout`. A subclass that
+    overrides connectionMade or connectionLost calls this class's.
     """
 
     peer_kind = "peer"
@@ -30,14 +36,32 @@ class VerifiedPeerProtocol(Protocol):
     verify_interval = 300
     clock = None
     verified = False
-    refused = False
+    refused = False                 # refused or dropped before verification, and logged already
     _verify_call = None
+    _handshake_call = None
 
     @property
     def peer_ip(self) -> str:
         return self.transport.getPeer().host
 
+    def connectionMade(self):
+        # A peer that connects and never finishes the handshake (or never speaks)
+        # would hold its socket for ever.
+        if not self.verified and self.clock is not None:
+            timeout = getattr(self.factory, "handshake_timeout", None) or HANDSHAKE_TIMEOUT
+            self._handshake_call = self.clock.callLater(timeout, self._handshake_timed_out, timeout)
+
+    def _handshake_timed_out(self, timeout):
+        self._handshake_call = None
+        if self.verified:
+            return
+        log.warning("TLS handshake with %s %s not done within %s s: dropped", self.peer_kind,
+                    self._peer_or_unknown(), timeout)
+        self.refused = True
+        self.transport.abortConnection()
+
     def handshakeCompleted(self):
+        self._cancel_handshake_timeout()
         cert = self.transport.getPeerCertificate()
         mismatch = passport_mismatch(cert, self.passport) if cert is not None else "no certificate"
         if not mismatch and self.expected_name:
@@ -70,13 +94,31 @@ class VerifiedPeerProtocol(Protocol):
         else:
             self._schedule_verification()
 
+    def _cancel_handshake_timeout(self):
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
+
     def connectionLost(self, reason):
+        self._cancel_handshake_timeout()
         if self._verify_call is not None and self._verify_call.active():
             self._verify_call.cancel()
         self._verify_call = None
         if not self.verified and not self.refused:
-            log.warning("TLS connection from %s %s failed before it was verified: %s",
-                        self.peer_kind, self._peer_or_unknown(), reason.getErrorMessage())
+            log.warning("TLS handshake with %s %s failed: %s", self.peer_kind, self._peer_or_unknown(),
+                        self._handshake_failure(reason))
+
+    def _handshake_failure(self, reason) -> str:
+        """The peer certificate's fault when there was one, else what OpenSSL or the socket said."""
+        if self.credentials is not None:
+            try:
+                connection = self.transport.getHandle()
+            except Exception:
+                connection = None
+            failure = self.credentials.verify_failure(connection)
+            if failure:
+                return failure
+        return handshake_failure_text(reason)
 
     def _peer_or_unknown(self):
         try:

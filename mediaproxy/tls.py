@@ -8,11 +8,13 @@ re-verification; a passport restricts the peer's subject further.
 import logging
 import os
 import re
+import weakref
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 import OpenSSL
 from OpenSSL import SSL, crypto
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
 
@@ -57,6 +59,39 @@ def subject_text(cert) -> str:
     return ", ".join("%s=%s" % pair for pair in subject_attributes(cert))
 
 
+# OpenSSL's X509_V_ERR_* codes a peer's certificate most often fails with, in
+# an operator's words (the numbers are part of OpenSSL's stable API).
+VERIFY_ERRORS = {
+    2: "certificate not signed by our CA",               # UNABLE_TO_GET_ISSUER_CERT
+    3: "no CRL of its CA",                               # UNABLE_TO_GET_CRL
+    7: "bad certificate signature",                      # CERT_SIGNATURE_FAILURE
+    9: "certificate not yet valid",                      # CERT_NOT_YET_VALID
+    10: "certificate expired",                           # CERT_HAS_EXPIRED
+    11: "crl.pem not yet valid",                         # CRL_NOT_YET_VALID
+    12: "crl.pem expired",                               # CRL_HAS_EXPIRED
+    18: "self-signed certificate",                       # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "certificate not signed by our CA",              # SELF_SIGNED_CERT_IN_CHAIN
+    20: "certificate not signed by our CA",              # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "certificate not signed by our CA",              # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    23: "certificate revoked",                           # CERT_REVOKED
+    26: "certificate not allowed for TLS authentication",  # INVALID_PURPOSE
+}
+
+
+def handshake_failure_text(failure) -> str:
+    """Why a handshake ended: OpenSSL's reason without its [('SSL routines',
+    '', ...)] wrapping (e.g. 'wrong version number' for a client that does not
+    speak TLS), or that the other side closed the connection."""
+    if failure.check(ConnectionDone, ConnectionLost):
+        return "connection closed before the handshake ended"
+    error = failure.value
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        reasons = [entry[-1] for entry in error.args[0] if isinstance(entry, tuple) and entry and entry[-1]]
+        if reasons:
+            return "; ".join(reasons)
+    return failure.getErrorMessage()
+
+
 class Credentials:
     """The CA, the optional CRL, and this daemon's certificate and key."""
 
@@ -80,6 +115,9 @@ class Credentials:
         self._crl_stamp = None
         self._crl = None
         self._context = None
+        # Why a handshake's peer certificate was rejected, by SSL connection: OpenSSL's
+        # own error on the server side only says "certificate verify failed".
+        self._verify_failures = weakref.WeakKeyDictionary()
         self.context()         # a key that does not fit, or a bad crl.pem, stops start-up here
 
     def _load_ca(self):
@@ -137,9 +175,23 @@ class Credentials:
         if crl is not None:
             add_crl(store, crl)
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
-        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda conn, cert, errno, depth, ok: ok)
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                           self._remember_verify_failure)
         context.set_session_id(b"mediaproxy")
         return context
+
+    def _remember_verify_failure(self, connection, cert, errno, depth, ok):
+        if not ok and connection not in self._verify_failures:
+            reason = VERIFY_ERRORS.get(errno, "certificate verify error %d" % errno)
+            self._verify_failures[connection] = "%s (%s)" % (reason, subject_text(cert))
+        return ok
+
+    def verify_failure(self, connection) -> str:
+        """Why the peer certificate of this SSL connection was rejected ('' when it was not)."""
+        try:
+            return self._verify_failures.get(connection, "")
+        except TypeError:             # not an SSL connection (a test's transport)
+            return ""
 
     def problem_with(self, peer) -> str:
         """Why an established peer's certificate is no longer good ('' when it is)."""

@@ -2,11 +2,12 @@
 management interface reports.
 
 Requests arrive as framed values from the front ends and go to relays
-through RelayLink.send_command; answers come back as Deferreds. Requests of
+through RelayLink.send, whose answers come back to a callback. Requests of
 one call are handled one at a time, so a retransmitted first INVITE cannot
 land a call on two relays.
 """
 
+import collections
 import json
 import logging
 import random
@@ -15,10 +16,10 @@ from typing import Optional
 
 from twisted.internet import defer
 
-from mediaproxy import __version__
+from mediaproxy.dispatcher.management import ManagementCommands
 from mediaproxy.dispatcher.relaylink import RelayError
 from mediaproxy.dispatcher.selection import PreferredThenRandom
-from mediaproxy.protocol.proxy import RemoveRequest, RequestError, UpdateRequest, parse_proxy_request
+from mediaproxy.protocol.proxy import RequestError, UpdateRequest, parse_proxy_request
 
 log = logging.getLogger("mediaproxy.dispatcher")
 
@@ -32,6 +33,10 @@ class SessionRecord:
     from_tag: Optional[str] = None
     to_tag: Optional[str] = None
     last_seen: float = 0.0          # the last request or relay listing that named it
+    from_uri: Optional[str] = None
+    to_uri: Optional[str] = None
+    offer_type: Optional[str] = None    # "request" or "reply": the update that created the session
+    start_time: Optional[float] = None  # when the answer passed (what accounting of a lost session needs)
 
 
 class Dispatcher:
@@ -45,7 +50,9 @@ class Dispatcher:
         self.sessions = {}          # call_id -> SessionRecord
         self.missing_relays = {}    # relay ip -> since when a relay holding sessions is not connected
         self.pending_removes = {}   # relay ip -> {call_id: headers} of removes waiting for it to come back
-        self._call_locks = {}
+        self.draining = set()       # relay ips an operator drained: no new sessions there
+        self.management = ManagementCommands(self)
+        self._busy_calls = {}       # call_id -> deque of the _Exchanges waiting for the one in progress
 
     # Relays coming and going.
 
@@ -57,10 +64,10 @@ class Dispatcher:
             old.transport.abortConnection()
         else:
             log.info("relay %s connected", link.ip)
-        self.missing_relays.pop(link.ip, None)
+        lost_at = self.missing_relays.pop(link.ip, None)
         for call_id, headers in self.pending_removes.pop(link.ip, {}).items():
             self._send_remove(link, call_id, headers)
-        self._reconcile(link)
+        self._reconcile(link, lost_at)
 
     def relay_disconnected(self, link, reason: str) -> None:
         if self.relays.get(link.ip) is link:
@@ -69,9 +76,10 @@ class Dispatcher:
             self.missing_relays.setdefault(link.ip, self.clock.seconds())
 
     @defer.inlineCallbacks
-    def _reconcile(self, link):
-        """Match our table with the relay's own list of our sessions: forget what it no
-        longer has (it may have restarted), adopt what we did not know (we may have)."""
+    def _reconcile(self, link, lost_at=None):
+        """Match our table with the relay's own list of our sessions: what it no longer has is
+        lost (it restarted: they went when it was lost, at `lost_at`), what we did not know is
+        adopted (we may have restarted)."""
         try:
             # which sessions it has is all we need, not their statistics (a relay that does not
             # know `brief` sends them all the same)
@@ -84,8 +92,7 @@ class Dispatcher:
         for call_id, record in list(self.sessions.items()):
             if record.relay_ip == link.ip and call_id not in held:
                 del self.sessions[call_id]
-                log.warning("session %s is gone from relay %s", call_id, link.ip)
-                self._end_dialog(record)
+                self._session_lost(record, "gone from relay %s" % link.ip, lost_at or now)
         for call_id, session in held.items():
             record = self.sessions.get(call_id)
             if record is None:
@@ -94,6 +101,20 @@ class Dispatcher:
                 log.info("session %s on relay %s adopted", call_id, link.ip)
             elif record.relay_ip == link.ip:
                 record.last_seen = now
+
+    def _session_lost(self, record: SessionRecord, why: str, lost_at: float) -> None:
+        """A session its relay lost (it died, or restarted): accounted with what the dispatcher
+        knows of it (no stream statistics, `relay_lost`), and its dialog ended."""
+        log.warning("session %s lost: %s", record.call_id, why)
+        started = record.start_time
+        statistics = {"call_id": record.call_id, "from_tag": record.from_tag, "to_tag": record.to_tag,
+                      "from_uri": record.from_uri, "to_uri": record.to_uri, "caller_ua": None, "callee_ua": None,
+                      "username": None, "dialog_id": record.dialog_id, "start_time": started,
+                      "duration": round(max(lost_at - started, 0.0), 3) if started is not None else 0,
+                      "streams": [], "relay_lost": True}
+        self.session_ended(record, statistics, timed_out=True)     # accounts it if it was answered
+        if started is None:
+            self._end_dialog(record)
 
     def restore(self, records) -> None:
         """Sessions saved by an earlier run; their relays are missing until they connect."""
@@ -114,40 +135,58 @@ class Dispatcher:
                 del self.missing_relays[relay_ip]
             elif now - since >= dead_relays_after:
                 del self.missing_relays[relay_ip]
-                lost = [call_id for call_id, r in self.sessions.items() if r.relay_ip == relay_ip]
-                for call_id in lost:
-                    del self.sessions[call_id]
+                lost = [r for r in self.sessions.values() if r.relay_ip == relay_ip]
                 if lost:
-                    log.warning("relay %s did not come back in %d s: forgot its %d sessions", relay_ip,
+                    log.warning("relay %s did not come back in %d s: its %d sessions are lost", relay_ip,
                                 dead_relays_after, len(lost))
+                for record in lost:
+                    del self.sessions[record.call_id]
+                    self._session_lost(record, "relay %s did not come back" % relay_ip, since)
         for call_id, record in list(self.sessions.items()):
             if now - record.last_seen >= expired_sessions_after:
                 del self.sessions[call_id]
                 log.warning("session %s: nothing heard of it for %d s, forgotten", call_id, expired_sessions_after)
 
     def available_relays(self) -> list:
-        return [relay for relay in self.relays.values() if relay.active and not relay.halting]
+        return [relay for relay in self.relays.values()
+                if relay.active and not relay.halting and relay.ip not in self.draining]
 
     # The proxy module.
+    #
+    # Every request of the proxy passes here, so this path is written with plain callbacks
+    # (RelayLink.send) rather than Deferreds: a request is an _Exchange, answered exactly once.
 
     def proxy_request(self, request) -> defer.Deferred:
+        """handle_proxy_request with the answer as a Deferred (for callers off the hot path)."""
+        deferred = defer.Deferred()
+        self.handle_proxy_request(request, deferred.callback)
+        return deferred
+
+    def handle_proxy_request(self, request, answer) -> None:
+        """Act on a request of the proxy module; `answer(text)` is called once, now or later.
+
+        Requests of one call are handled one at a time, in the order they came."""
         try:
             parsed = parse_proxy_request(request)
         except RequestError as e:
             log.warning("refused %s request: %s (call_id %s)", request.command[:20], e,
                         request.headers.get("call_id", "-"))
-            return defer.succeed("error")
-        lock = self._call_locks.setdefault(parsed.call_id, defer.DeferredLock())
-        if isinstance(parsed, UpdateRequest):
-            deferred = lock.run(self._update, parsed, request.headers)
-        else:
-            deferred = lock.run(self._remove, parsed, request.headers)
+            answer("error")
+            return
+        exchange = _Exchange(self, parsed, request.headers, answer)
+        waiting = self._busy_calls.get(parsed.call_id)
+        if waiting is not None:
+            waiting.append(exchange)        # an earlier request of this call is with a relay
+            return
+        self._busy_calls[parsed.call_id] = collections.deque()
+        exchange.start()
 
-        def release(result):
-            if not lock.locked and not lock.waiting:
-                self._call_locks.pop(parsed.call_id, None)
-            return result
-        return deferred.addBoth(release)
+    def _exchange_done(self, call_id: str) -> None:
+        waiting = self._busy_calls[call_id]
+        if waiting:
+            waiting.popleft().start()
+        else:
+            del self._busy_calls[call_id]
 
     def _holding_relay(self, record: SessionRecord):
         relay = self.relays.get(record.relay_ip)
@@ -155,78 +194,102 @@ class Dispatcher:
             log.error("session %s: its relay %s is not connected", record.call_id, record.relay_ip)
         return relay
 
-    @defer.inlineCallbacks
-    def _update(self, update: UpdateRequest, headers):
+    def _update(self, exchange) -> None:
+        update = exchange.request
         record = self.sessions.get(update.call_id)
-        if record is not None:
-            relay = self._holding_relay(record)
-            if relay is None:
-                return "error"
-            try:
-                result = yield relay.send_command("update", headers)
-            except RelayError as e:
-                log.error("session %s: %s", update.call_id, e)
-                return "error"
+        if record is None:
+            candidates = self.policy.order(self.available_relays(), update.media_relay, self.rng)
+            self._offer_to_next(exchange, iter(candidates))
+            return
+        relay = self._holding_relay(record)
+        if relay is None:
+            exchange.finish("error")
+            return
+
+        def answered(result):
+            if isinstance(result, RelayError):
+                log.error("session %s: %s", update.call_id, result)
+                exchange.finish("error")
+                return
             record.last_seen = self.clock.seconds()
             if update.dialog_id and not record.dialog_id:
                 record.dialog_id = update.dialog_id
-            return "error" if result == "halting" else result
-        for relay in self.policy.order(self.available_relays(), update.media_relay, self.rng):
-            try:
-                result = yield relay.send_command("update", headers)
-            except RelayError as e:
-                log.warning("session %s: %s, trying the next relay", update.call_id, e)
-                continue
-            if result == "halting":
+            if record.start_time is None and update.media is not None and update.type != record.offer_type \
+                    and result not in ("error", "halting"):
+                record.start_time = record.last_seen        # the answer
+            exchange.finish("error" if result == "halting" else result)
+        relay.send("update", exchange.headers, exchange.guarded(answered))
+
+    def _offer_to_next(self, exchange, candidates) -> None:
+        """A new session: to the next relay of the policy's order until one takes it."""
+        update = exchange.request
+        relay = next(candidates, None)
+        if relay is None:
+            log.error("session %s: no relay could take it (%d connected)", update.call_id, len(self.relays))
+            exchange.finish("error")
+            return
+
+        def answered(result):
+            if isinstance(result, RelayError):
+                log.warning("session %s: %s, trying the next relay", update.call_id, result)
+            elif result == "halting":
                 log.info("relay %s is shutting down: no new sessions there", relay.ip)
                 relay.halting = True
-                continue
-            if result == "error":
+            elif result == "error":
                 log.warning("session %s: relay %s answered error, trying the next relay", update.call_id, relay.ip)
-                continue
-            now = self.clock.seconds()
-            self.sessions[update.call_id] = SessionRecord(update.call_id, relay.ip, now, update.dialog_id,
-                                                          update.from_tag, update.to_tag, now)
-            log.info("session %s on relay %s", update.call_id, relay.ip)
-            return result
-        log.error("session %s: no relay could take it (%d connected)", update.call_id, len(self.relays))
-        return "error"
+            else:
+                now = self.clock.seconds()
+                self.sessions[update.call_id] = SessionRecord(update.call_id, relay.ip, now, update.dialog_id,
+                                                              update.from_tag, update.to_tag, now, update.from_uri,
+                                                              update.to_uri, update.type)
+                log.info("session %s on relay %s", update.call_id, relay.ip)
+                exchange.finish(result)
+                return
+            self._offer_to_next(exchange, candidates)
+        relay.send("update", exchange.headers, exchange.guarded(answered))
 
-    @defer.inlineCallbacks
-    def _remove(self, remove: RemoveRequest, headers):
+    def _remove(self, exchange) -> None:
         # The record stays until the relay answered: a session whose relay is
         # unreachable now is still matched when the relay reports it later.
-        record = self.sessions.get(remove.call_id)
+        call_id = exchange.request.call_id
+        record = self.sessions.get(call_id)
         if record is None:
             # often the end of a call whose media had died: it expired, its dialog was ended
-            log.info("remove of session %s, which is not known (or has expired)", remove.call_id)
-            return "error"
+            log.info("remove of session %s, which is not known (or has expired)", call_id)
+            exchange.finish("error")
+            return
         relay = self.relays.get(record.relay_ip)
         if relay is None:
             # e.g. the dispatcher restarted and the relay has not reconnected yet
             log.info("session %s: its relay %s is not connected, it is removed there when it is",
-                     remove.call_id, record.relay_ip)
-            self.pending_removes.setdefault(record.relay_ip, {})[remove.call_id] = dict(headers)
-            return "removed"
-        return (yield self._send_remove(relay, remove.call_id, headers))
+                     call_id, record.relay_ip)
+            self.pending_removes.setdefault(record.relay_ip, {})[call_id] = dict(exchange.headers)
+            exchange.finish("removed")
+            return
+        self._send_remove(relay, call_id, exchange.headers, exchange.guarded(exchange.finish))
 
-    @defer.inlineCallbacks
-    def _send_remove(self, relay, call_id: str, headers):
-        try:
-            result = yield relay.send_command("remove", headers)
-        except RelayError as e:
-            log.error("session %s: remove failed: %s", call_id, e)
-            return "error"
-        record = self.sessions.pop(call_id, None) or SessionRecord(call_id, relay.ip, self.clock.seconds())
-        try:
-            statistics = json.loads(result)
-        except ValueError:
+    def _send_remove(self, relay, call_id: str, headers, done=lambda answer: None) -> None:
+        def answered(result):
+            if isinstance(result, RelayError):
+                log.error("session %s: remove failed: %s", call_id, result)
+                done("error")
+                return
+            record = self.sessions.pop(call_id, None) or SessionRecord(call_id, relay.ip, self.clock.seconds())
             statistics = None
-        if not isinstance(statistics, dict):
-            log.error("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
-            return "error"
-        self.session_ended(record, statistics, timed_out=False)
-        return "removed"
+            if result.startswith("{"):
+                # without accounting nothing reads the statistics of a removed session: not decoded
+                try:
+                    statistics = json.loads(result) if self.accounting else {}
+                except ValueError:
+                    pass
+            if not isinstance(statistics, dict):
+                log.error("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
+                done("error")
+                return
+            if statistics:
+                self.session_ended(record, statistics, timed_out=False)
+            done("removed")
+        relay.send("remove", headers, answered)
 
     def late_answer(self, link, command: str, headers, result: str) -> None:
         """A relay answered a command after we gave up on it and moved on."""
@@ -271,48 +334,73 @@ class Dispatcher:
         if self.dialogs is not None and record.dialog_id:
             self.dialogs.end_dialog(record.dialog_id, record.call_id)
 
-    # The management interface.
+    # The management interface (mediaproxy/dispatcher/management.py).
 
     def management_command(self, command: str) -> defer.Deferred:
-        if command == "sessions":
-            return self._all_sessions()
-        if command == "summary":
-            return self._summary()
-        if command == "version":
-            return defer.succeed([__version__])
-        if command == "accounting":
-            return defer.succeed([json.dumps(status) for backend in self.accounting
-                                  for status in getattr(backend, "status", lambda: [])()])
-        return defer.succeed(["error"])
+        return self.management.run(command)
 
-    @defer.inlineCallbacks
-    def _ask_all_relays(self, command, kind):
-        """(relay, its JSON answer, or None when it failed or is not a `kind`) for every relay."""
-        relays = list(self.relays.values())
-        results = yield defer.DeferredList([relay.send_command(command) for relay in relays], consumeErrors=True)
-        answers = []
-        for relay, (ok, answer) in zip(relays, results):
+    def end_session(self, call_id: str) -> defer.Deferred:
+        """End a session from the management interface: its relay removes it, the proxy is asked
+        to end its dialog, it is accounted. Fires with its statistics, or None when it cannot."""
+        record = self.sessions.get(call_id)
+        relay = self.relays.get(record.relay_ip) if record is not None else None
+        if relay is None:
+            return defer.succeed(None)
+        ended = defer.Deferred()
+
+        def answered(result):
+            statistics = None
+            if not isinstance(result, RelayError):
+                try:
+                    statistics = json.loads(result)
+                except ValueError:
+                    pass
+            if not isinstance(statistics, dict):
+                log.error("session %s: relay %s could not end it: %s", call_id, relay.ip, str(result)[:80])
+                ended.callback(None)
+                return
+            self.sessions.pop(call_id, None)
+            log.info("session %s ended by the management interface", call_id)
+            self.session_ended(record, statistics, timed_out=False)
+            self._end_dialog(record)
+            ended.callback(statistics)
+        relay.send("remove", {"call_id": call_id, "from_tag": record.from_tag or "", "to_tag": record.to_tag or ""},
+                   answered)
+        return ended
+
+
+class _Exchange:
+    """One request of the proxy module on its way through the dispatcher: answered exactly once,
+    and then the next waiting request of the same call goes."""
+
+    __slots__ = ("dispatcher", "request", "headers", "_answer", "_finished")
+
+    def __init__(self, dispatcher: Dispatcher, request, headers, answer):
+        self.dispatcher = dispatcher
+        self.request = request              # UpdateRequest or RemoveRequest
+        self.headers = headers              # as the proxy sent them: forwarded to the relay
+        self._answer = answer
+        self._finished = False
+
+    def start(self) -> None:
+        step = self.dispatcher._update if isinstance(self.request, UpdateRequest) else self.dispatcher._remove
+        self.guarded(step)(self)
+
+    def finish(self, text: str) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self._answer(text)
+        finally:
+            self.dispatcher._exchange_done(self.request.call_id)
+
+    def guarded(self, step):
+        """`step`, made to answer `error` if it fails: a bug must not leave the call waiting forever."""
+        def run(value):
             try:
-                value = json.loads(answer) if ok else None
-            except ValueError:
-                value = None
-            answers.append((relay, value if isinstance(value, kind) else None))
-        return answers
-
-    @defer.inlineCallbacks
-    def _all_sessions(self):
-        lines = []
-        for relay, sessions in (yield self._ask_all_relays("sessions", list)):
-            if sessions is None:
-                log.warning("relay %s did not list its sessions", relay.ip)
-                continue
-            lines.extend(json.dumps(session) for session in sessions)
-        return lines
-
-    @defer.inlineCallbacks
-    def _summary(self):
-        lines = []
-        for relay, summary in (yield self._ask_all_relays("summary", dict)):
-            fields = summary or {"status": "error"}
-            lines.append(json.dumps({"ip": relay.ip, **{k: v for k, v in fields.items() if k != "ip"}}))
-        return lines
+                step(value)
+            except Exception:
+                log.exception("request of session %s failed", self.request.call_id)
+                self.finish("error")
+        return run

@@ -2,11 +2,13 @@
 management port. Both are thin: framing in, Dispatcher calls, replies out,
 in the order the requests came."""
 
+import collections
 import logging
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 
+from mediaproxy import outgoing
 from mediaproxy.peer import VerifiedPeerProtocol
 from mediaproxy.protocol import management
 from mediaproxy.protocol.framing import FramingError, LineSplitter, RequestReader, encode_line
@@ -17,6 +19,7 @@ MAX_MANAGEMENT_LINE = 1024
 
 
 _CLOSE = object()
+ERROR_LINE = encode_line("error")
 
 
 class OrderedReplies:
@@ -25,20 +28,26 @@ class OrderedReplies:
     def __init__(self, write, close=None):
         self._write = write
         self._close = close
-        self._queue = []
+        self._queue = collections.deque()      # [data, ready] per request, oldest first
 
     def add_close(self) -> None:
         """Close the connection once every earlier answer is written."""
-        self._queue.append([None, _CLOSE, True])
+        self._queue.append([_CLOSE, True])
         self._flush()
 
-    def add(self, deferred: defer.Deferred) -> None:
-        slot = [deferred, None, False]
+    def reserve(self):
+        """A place for the next answer: the function to call with it (bytes, or None for nothing)."""
+        slot = [None, False]
         self._queue.append(slot)
 
         def ready(data):
-            slot[1], slot[2] = data, True
-            self._flush()
+            slot[0], slot[1] = data, True
+            if self._queue[0] is slot:
+                self._flush()
+        return ready
+
+    def add(self, deferred: defer.Deferred) -> None:
+        ready = self.reserve()
 
         def failed(failure):
             log.error("no answer could be made: %s", failure.getErrorMessage())
@@ -46,10 +55,11 @@ class OrderedReplies:
         deferred.addCallbacks(ready, failed)
 
     def _flush(self):
-        while self._queue and self._queue[0][2]:
-            data = self._queue.pop(0)[1]
+        queue = self._queue
+        while queue and queue[0][1]:
+            data = queue.popleft()[0]
             if data is _CLOSE:
-                self._queue.clear()
+                queue.clear()
                 self._close()
             elif data is not None:
                 self._write(data)
@@ -64,28 +74,44 @@ class ProxyProtocol(Protocol):
         self.replies = None
 
     def connectionMade(self):
-        self.replies = OrderedReplies(self.transport.write)
+        self.replies = OrderedReplies(self._write)
         log.debug("proxy connection")
+
+    def _write(self, data):
+        self.transport.write(data)
+        outgoing.note(self.transport)
 
     def dataReceived(self, data):
         for request in self.reader.feed(data):
+            ready = self.replies.reserve()
             if isinstance(request, FramingError):
                 log.warning("bad request from the proxy: %s", request)
-                self.replies.add(defer.succeed(encode_line("error")))
+                ready(ERROR_LINE)
                 continue
-            deferred = defer.maybeDeferred(self.dispatcher.proxy_request, request)
-            deferred.addCallback(encode_line)
-            deferred.addErrback(self._failed, request)
-            self.replies.add(deferred)
-
-    @staticmethod
-    def _failed(failure, request):
-        log.error("%s request (call_id %s) failed: %s: %s", request.command[:20], request.headers.get("call_id", "-"),
-                  failure.type.__name__, failure.getErrorMessage())
-        return encode_line("error")
+            answer = _LineAnswer(ready)
+            try:
+                self.dispatcher.handle_proxy_request(request, answer)
+            except Exception:
+                log.exception("%s request (call_id %s) failed", request.command[:20],
+                              request.headers.get("call_id", "-"))
+                answer("error")
 
     def connectionLost(self, reason):
         log.debug("proxy connection closed")
+
+
+class _LineAnswer:
+    """Takes the dispatcher's answer once, as a reply line; later calls are ignored."""
+
+    __slots__ = ("_ready",)
+
+    def __init__(self, ready):
+        self._ready = ready
+
+    def __call__(self, text: str) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready(encode_line(text))
 
 
 class ProxyFactory(ServerFactory):
@@ -99,16 +125,41 @@ class ProxyFactory(ServerFactory):
 
 
 class ManagementProtocol(VerifiedPeerProtocol):
+    """One management connection. A client that sends no complete command for
+    idle_timeout seconds is closed: else a client that connects and never
+    speaks, or trickles a line that never ends, holds its socket for ever."""
+
     peer_kind = "management client"
+    idle_timeout = None
 
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
         self.splitter = LineSplitter(MAX_MANAGEMENT_LINE)
         self.replies = None
         self.closing = False
+        self._idle_call = None
 
     def connectionMade(self):
+        super().connectionMade()
         self.replies = OrderedReplies(self.transport.write, self.transport.loseConnection)
+        if self.verified:           # plain TCP; over TLS the clock starts after the handshake
+            self._restart_idle_timer()
+
+    def peer_verified(self):
+        self._restart_idle_timer()
+
+    def _restart_idle_timer(self):
+        if self.idle_timeout is None or self.clock is None:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.idle_timeout)
+        else:
+            self._idle_call = self.clock.callLater(self.idle_timeout, self._idle_timed_out)
+
+    def _idle_timed_out(self):
+        self._idle_call = None
+        log.warning("management client %s sent no command for %s s: closed", self.peer_ip, self.idle_timeout)
+        self.transport.abortConnection()
 
     def dataReceived(self, data):
         if not self.verified:
@@ -116,6 +167,7 @@ class ManagementProtocol(VerifiedPeerProtocol):
         for line in self.splitter.feed(data):
             if self.closing:
                 return
+            self._restart_idle_timer()
             if isinstance(line, FramingError):
                 self.replies.add(defer.succeed(management.ERROR))
                 continue
@@ -137,14 +189,25 @@ class ManagementProtocol(VerifiedPeerProtocol):
                   failure.getErrorMessage())
         return management.ERROR
 
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
 
 class ManagementFactory(Factory):
-    def __init__(self, dispatcher, credentials=None, passport=None, verify_interval=300, clock=None):
+    """credentials None: plain TCP. idle_timeout None: clients may stay idle for ever."""
+
+    def __init__(self, dispatcher, credentials=None, passport=None, verify_interval=300, clock=None,
+                 idle_timeout=None, handshake_timeout=None):
         self.dispatcher = dispatcher
         self.credentials = credentials
         self.passport = passport
         self.verify_interval = verify_interval
         self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
 
     def buildProtocol(self, addr):
         protocol = ManagementProtocol(self.dispatcher)
@@ -153,6 +216,7 @@ class ManagementFactory(Factory):
         protocol.passport = self.passport
         protocol.verify_interval = self.verify_interval
         protocol.clock = self.clock
+        protocol.idle_timeout = self.idle_timeout
         if self.credentials is None:
             protocol.verified = True     # plain TCP: no handshake to wait for
         return protocol

@@ -1,9 +1,13 @@
 """The dispatcher's end of a relay connection: commands out, replies matched by SEQ.
 
-Keeps the pending commands by sequence number with their timeouts, the way
-twisted.names keeps DNS queries by id. A command unanswered within
-relay_timeout fails with RelayTimeout and marks the relay inactive; a relay
-silent for relay_recover_interval after that is disconnected.
+Keeps the pending commands by sequence number, the way twisted.names keeps
+DNS queries by id. A command unanswered within relay_timeout fails with
+RelayTimeout and marks the relay inactive; a relay silent for
+relay_recover_interval after that is disconnected.
+
+Every proxy request passes here, so `send` takes a plain callback, and the
+timeouts are watched by one timer for the oldest pending command (commands
+are sent in order and share one timeout) rather than one timer each.
 """
 
 import logging
@@ -11,6 +15,7 @@ import logging
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
+from mediaproxy import outgoing
 from mediaproxy.peer import VerifiedPeerProtocol
 from mediaproxy.protocol.framing import FramingError, LineSplitter, encode_line
 from mediaproxy.protocol.relaylink import PONG, Expired, LinkError, Ping, Reply, encode_command, parse_relay_line
@@ -41,7 +46,8 @@ class RelayLink(VerifiedPeerProtocol):
         self.timeout = timeout
         self.recover_interval = recover_interval
         self.splitter = LineSplitter(MAX_RELAY_LINE)
-        self.pending = {}
+        self.pending = {}                   # seq -> (callback, command, headers, deadline), oldest first
+        self._timeout_call = None
         self.timed_out = {}                 # seq -> (command, headers) of commands that timed out
         self.seq = 0
         self.active = True
@@ -88,23 +94,52 @@ class RelayLink(VerifiedPeerProtocol):
             else:
                 self.dispatcher.late_answer(self, late[0], late[1], reply.result)
             return
-        deferred, timer = entry
-        timer.cancel()
-        deferred.callback(reply.result)
+        self._answer(entry[0], reply.result)
+
+    def _answer(self, answered, result):
+        try:
+            answered(result)
+        except Exception:
+            log.exception("handling an answer of relay %s failed", self.ip)
+
+    def send(self, name: str, headers, answered) -> None:
+        """Send a command; `answered` gets its result text, or a RelayError, once."""
+        if not self.connected_link:
+            self._answer(answered, RelayGone("relay %s is not connected" % self.ip))
+            return
+        self.seq += 1
+        self.pending[self.seq] = (answered, name, headers, self.clock.seconds() + self.timeout)
+        if self._timeout_call is None:
+            self._timeout_call = self.clock.callLater(self.timeout, self._check_timeouts)
+        self.transport.write(encode_command(name, self.seq, headers or {}))
+        outgoing.note(self.transport)
 
     def send_command(self, name: str, headers=None) -> defer.Deferred:
-        if not self.connected_link:
-            return defer.fail(RelayGone("relay %s is not connected" % self.ip))
-        self.seq += 1
-        seq = self.seq
+        """`send`, with the answer as a Deferred (which fails with the RelayError)."""
         deferred = defer.Deferred()
-        timer = self.clock.callLater(self.timeout, self._timed_out, seq, name, headers)
-        self.pending[seq] = (deferred, timer)
-        self.transport.write(encode_command(name, seq, headers or {}))
+
+        def answered(result):
+            if isinstance(result, RelayError):
+                deferred.errback(result)
+            else:
+                deferred.callback(result)
+        self.send(name, headers, answered)
         return deferred
 
-    def _timed_out(self, seq, name, headers):
-        deferred, _ = self.pending.pop(seq)
+    def _check_timeouts(self):
+        self._timeout_call = None
+        now = self.clock.seconds()
+        while self.pending:
+            seq = next(iter(self.pending))
+            deadline = self.pending[seq][3]
+            if deadline > now:
+                if self._timeout_call is not None:      # set by a command sent on a timed-out one's behalf
+                    self._timeout_call.cancel()
+                self._timeout_call = self.clock.callLater(deadline - now, self._check_timeouts)
+                return
+            self._timed_out(seq, *self.pending.pop(seq)[:3])
+
+    def _timed_out(self, seq, answered, name, headers):
         self.timed_out[seq] = (name, headers)
         if len(self.timed_out) > MAX_REMEMBERED_TIMEOUTS:
             del self.timed_out[next(iter(self.timed_out))]
@@ -115,7 +150,7 @@ class RelayLink(VerifiedPeerProtocol):
             log.warning("relay %s did not answer within %s s: marked inactive", self.ip, self.timeout)
             self.active = False
             self._recover_call = self.clock.callLater(self.recover_interval, self._give_up)
-        deferred.errback(RelayTimeout("relay %s did not answer" % self.ip))
+        self._answer(answered, RelayTimeout("relay %s did not answer" % self.ip))
 
     def _relay_alive(self):
         if not self.active:
@@ -137,10 +172,12 @@ class RelayLink(VerifiedPeerProtocol):
         super().connectionLost(reason)
         self._cancel_recover()
         was_connected, self.connected_link = self.connected_link, False
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
         pending, self.pending = self.pending, {}
-        for deferred, timer in pending.values():
-            timer.cancel()
-            deferred.errback(RelayGone("relay %s disconnected" % self.ip))
+        for answered, _, _, _ in pending.values():
+            self._answer(answered, RelayGone("relay %s disconnected" % self.ip))
         if was_connected:
             self.dispatcher.relay_disconnected(self, reason.getErrorMessage())
 

@@ -90,8 +90,10 @@ class DispatcherService(service.MultiService):
         cleaner.clock = reactor
         cleaner.setServiceParent(self)
 
+        tls = configuration.tls
         relays = RelayLinkFactory(self.dispatcher, config, self.credentials, reactor)
-        relays.verify_interval = configuration.tls.verify_interval
+        relays.verify_interval = tls.verify_interval
+        relays.handshake_timeout = tls.handshake_timeout      # read by mediaproxy.peer
         host, port = config.listen
         internet.SSLServer(port, relays, ContextFactory(self.credentials), interface=host,
                            reactor=reactor).setServiceParent(self)
@@ -99,11 +101,13 @@ class DispatcherService(service.MultiService):
         host, port = config.listen_management
         if config.management_use_tls:
             management = ManagementFactory(self.dispatcher, self.credentials, config.management_passport,
-                                           configuration.tls.verify_interval, reactor)
+                                           tls.verify_interval, reactor, idle_timeout=config.management_idle_timeout,
+                                           handshake_timeout=tls.handshake_timeout)
             internet.SSLServer(port, management, ContextFactory(self.credentials), interface=host,
                                reactor=reactor).setServiceParent(self)
         else:
-            management = ManagementFactory(self.dispatcher)
+            management = ManagementFactory(self.dispatcher, clock=reactor,
+                                           idle_timeout=config.management_idle_timeout)
             internet.TCPServer(port, management, interface=host, reactor=reactor).setServiceParent(self)
         self.management_address = (host, port)
 
@@ -121,6 +125,10 @@ class DispatcherService(service.MultiService):
         log.info("listening for the proxy on %s, relays on %s:%d, management on %s:%d (%s)",
                  self.socket_path, *config.listen, *config.listen_management,
                  "TLS" if config.management_use_tls else "plain TCP")
+        if config.management_exposed:
+            log.warning("the management port %s:%d is plain TCP on an address other hosts may reach: "
+                        "anyone who gets to it sees every session; firewall it, bind it to 127.0.0.1 "
+                        "or set management_use_tls = yes", *config.listen_management)
 
     def stopService(self):
         self.dialogs.stop()

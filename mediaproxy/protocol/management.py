@@ -3,12 +3,16 @@ result lines closed by an empty line."""
 
 from typing import Iterable
 
-COMMANDS = frozenset(["sessions", "summary", "version", "accounting", "quit", "exit"])
+COMMANDS = frozenset(["sessions", "summary", "version", "accounting", "find", "end", "drain", "undrain", "relay",
+                      "quit", "exit"])
 
 
 def parse_command(line: str) -> str:
-    """The command word, lower case; '' for an empty line (ignored)."""
-    return line.strip().lower()
+    """The command word in lower case, then its argument as given (`find Alice`); '' for an empty
+    line (ignored)."""
+    word, _, argument = line.strip().partition(" ")
+    argument = argument.strip()
+    return word.lower() + " " + argument if argument else word.lower()
 
 
 def encode_answer(lines: Iterable[str]) -> bytes:

@@ -18,7 +18,7 @@ class MediaError(ValueError):
     """A `media` or `signaling_ip` value that does not follow the protocol."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MediaDescription:
     """One stream of an SDP body, as the proxy module describes it."""
     media_type: str
@@ -91,7 +91,7 @@ def parse_media(value: str) -> tuple:
     return tuple(parse_stream(part) for part in parts)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SignalingInfo:
     signaling_ip: str
     destination_ip: Optional[str] = None
@@ -104,7 +104,7 @@ def parse_signaling_ip(value: str) -> SignalingInfo:
     if value.startswith("{"):
         try:
             data = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):     # RecursionError: nested deeper than Python can decode
             raise MediaError("signaling_ip is not valid JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get("signaling_ip"), str):
             raise MediaError("signaling_ip JSON has no signaling_ip")

@@ -24,7 +24,7 @@ def present_headers(headers: Mapping[str, str]) -> dict:
     return {name: value for name, value in headers.items() if value != ""}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UpdateRequest:
     type: str                 # "request" (an offer) or "reply" (an answer)
     call_id: str
@@ -44,7 +44,7 @@ class UpdateRequest:
         return self.type == "request"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RemoveRequest:
     call_id: str
     from_tag: Optional[str] = None

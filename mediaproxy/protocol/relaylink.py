@@ -4,11 +4,12 @@ Dispatcher to relay: `COMMAND SEQ`, the headers, an empty line; the relay
 answers `SEQ RESULT` on one line. Besides, the relay sends `ping` (answered
 by `pong`) and unsolicited `expired JSON` lines.
 
-One extension: `sessions` with the header `brief: yes` (what the dispatcher
-asks when a relay connects) lists only each session's call_id, from_tag,
-to_tag and dialog_id, without reading the kernel's counters; a relay that
-does not know the header answers with the full statistics, which hold the
-same keys.
+Extensions of `sessions`, both ignored by a relay that does not know them:
+the header `brief: yes` (what the dispatcher asks when a relay connects)
+lists only each session's call_id, from_tag, to_tag and dialog_id, without
+reading the kernel's counters (the full statistics hold the same keys);
+`match: TEXT` lists only the sessions whose call id, tags or URIs contain
+TEXT, case-insensitive (the management interface's `find`).
 """
 
 import json
@@ -26,14 +27,14 @@ class LinkError(ValueError):
     """A line on the relay link that does not follow the protocol."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Command:
     name: str
     seq: int
     headers: Mapping[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reply:
     seq: int
     result: str
@@ -72,17 +73,30 @@ def encode_expired(statistics: dict) -> bytes:
     return encode_line("expired " + json.dumps(statistics, separators=(",", ":")))
 
 
+def _is_session_statistics(statistics) -> bool:
+    """The parts of an `expired` report (SPEC §6) the dispatcher acts on have their types."""
+    if not isinstance(statistics, dict) or not isinstance(statistics.get("call_id"), str):
+        return False
+    streams = statistics.get("streams")
+    if streams is not None and not (isinstance(streams, list) and all(isinstance(s, dict) for s in streams)):
+        return False
+    return isinstance(statistics.get("dialog_id"), (str, type(None)))
+
+
 def parse_relay_line(line: str):
     """Dispatcher side: a line from a relay into Reply, Ping or Expired."""
     if line == PING:
         return Ping()
+    if "\r" in line:
+        # a reply is passed on to the proxy as one line: a CR inside it would break that line
+        raise LinkError("line with a CR inside %r" % line[:80])
     head, _, rest = line.partition(" ")
     if head == "expired":
         try:
             statistics = json.loads(rest)
-        except ValueError:
+        except (ValueError, RecursionError):     # RecursionError: nested deeper than Python can decode
             raise LinkError("expired with invalid JSON") from None
-        if not isinstance(statistics, dict) or not isinstance(statistics.get("call_id"), str):
+        if not _is_session_statistics(statistics):
             raise LinkError("expired without a session")
         return Expired(statistics)
     if is_number(head) and rest:

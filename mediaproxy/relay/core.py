@@ -22,6 +22,12 @@ log = logging.getLogger("mediaproxy.relay")
 MAX_BIND_ATTEMPTS = 64
 
 
+def _names(session, text: str) -> bool:
+    """Whether the session's call id, tags or URIs contain `text` (lower case)."""
+    return any(text in (value or "").lower()
+               for value in (session.call_id, session.from_tag, session.to_tag, session.from_uri, session.to_uri))
+
+
 def _may_time_out(session, recent: float) -> bool:
     """Whether a stream of the session was silent in user space since `recent`, or no stream
     is left: the sessions check_timeouts must look at."""
@@ -65,6 +71,10 @@ class RelayCore:
             return json.dumps(self.summary(now))
         if command == "sessions":
             mine = [s for s in self.sessions.values() if owner is None or s.owner == owner]
+            if headers.get("match"):
+                # the management interface's `find`: only the sessions whose ids or URIs hold the text
+                text = headers["match"].lower()
+                mine = [s for s in mine if _names(s, text)]
             if headers.get("brief") == "yes":
                 # the dispatcher's reconcile: which sessions, not their statistics (nor a table read)
                 return json.dumps([{"call_id": s.call_id, "from_tag": s.from_tag, "to_tag": s.to_tag,
@@ -118,6 +128,8 @@ class RelayCore:
 
     def summary(self, now: float) -> dict:
         summary = relay_summary(self, now)
+        summary["port_pairs"] = {"used": self.ports.used_count, "free": self.ports.free_count,
+                                 "set_aside": len(self.ports.set_aside_ports)}
         summary.update(self.forwarding.status())
         return summary
 
@@ -188,8 +200,9 @@ class RelayCore:
         bound = []
         try:
             for party in (CALLER, CALLEE):
-                stream.leg(party).port = self._bind(stream, party)
-                bound.append(stream.leg(party).port)
+                leg = stream.leg(party)
+                leg.port = self._bind(stream, party)
+                bound.append(leg.port)
         except PortsExhausted:
             for port in bound:
                 self.forwarding.close(port)
@@ -198,7 +211,7 @@ class RelayCore:
         return stream
 
     def _bind(self, stream: MediaStream, party: str) -> int:
-        receiver = functools.partial(stream.on_packet, party)
+        receiver = stream.leg(party)       # a leg is its party's packet path
         for _ in range(MAX_BIND_ATTEMPTS):
             port = self.ports.allocate()
             try:
@@ -207,6 +220,10 @@ class RelayCore:
                 log.warning("port pair %d/%d is in use by another program: set aside", port, port + 1)
                 self.ports.set_aside(port)
                 continue
+            except OSError as e:
+                # out of descriptors or buffers: the port is fine, this request gets an error
+                self.ports.release(port)
+                raise PortsExhausted("cannot open sockets: %s" % (e.strerror or e)) from None
             return port
         raise PortsExhausted("%d port pairs in a row could not be bound" % MAX_BIND_ATTEMPTS)
 
@@ -214,6 +231,6 @@ class RelayCore:
         if stream.ended:
             return
         stream.end(status, now)
-        for leg in stream.legs.values():
+        for leg in stream.legs:
             self.forwarding.close(leg.port)
             self.ports.release(leg.port)

@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError, DNSServerError
 
+from mediaproxy import outgoing
 from mediaproxy.peer import VerifiedPeerProtocol
 from mediaproxy.protocol.framing import (MAX_LINE_LENGTH, MAX_REQUEST_SIZE, FramingError, Line, RequestReader,
                                          encode_line, is_number)
@@ -75,8 +76,15 @@ class DispatcherLink(VerifiedPeerProtocol):
                     if is_number(seq):
                         self.transport.write(encode_reply(int(seq), "error"))
                     continue
-                result = self.relay.handle_command(self, command)
+                try:
+                    result = self.relay.handle_command(self, command)
+                except Exception:
+                    # a bug must cost this command, not the link and every call's next request
+                    log.exception("%s command %d (call_id %s) failed", command.name, command.seq,
+                                  command.headers.get("call_id", "-"))
+                    result = "error"
                 self.transport.write(encode_reply(command.seq, result))
+                outgoing.note(self.transport)
 
     def send_expired(self, statistics: dict) -> None:
         self.transport.write(encode_expired(statistics))
@@ -93,6 +101,7 @@ class DispatcherLink(VerifiedPeerProtocol):
 
 class DispatcherLinkFactory(Factory):
     expected_name = None
+    handshake_timeout = None        # [TLS] handshake_timeout (mediaproxy.peer's default when None)
 
     def __init__(self, relay, credentials, passport, verify_interval, keepalive_interval, clock,
                  verify_names=False):
@@ -109,6 +118,7 @@ class DispatcherLinkFactory(Factory):
         factory = DispatcherLinkFactory(self.relay, self.credentials, self.passport, self.verify_interval,
                                         self.keepalive_interval, self.clock, self.verify_names)
         factory.expected_name = name
+        factory.handshake_timeout = self.handshake_timeout
         return factory
 
     def buildProtocol(self, addr):

@@ -65,6 +65,7 @@ class RelayService(service.MultiService):
         self.credentials = Credentials(configuration.config_path(configuration.tls.certs_path), "relay")
         factory = DispatcherLinkFactory(self, self.credentials, config.passport, configuration.tls.verify_interval,
                                         config.keepalive_interval, reactor, config.verify_dispatcher_names)
+        factory.handshake_timeout = configuration.tls.handshake_timeout      # read by mediaproxy.peer
         self.pool = DispatcherPool(config.dispatchers, factory, ContextFactory(self.credentials),
                                    config.relay_ip, reactor, config.reconnect_delay, config.dns_check_interval)
         self.pool.setServiceParent(self)

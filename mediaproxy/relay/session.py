@@ -17,6 +17,7 @@ Rules kept here (everything that changes a session's streams lives here):
 - A changed address or port in the SDP resets that party's latch.
 """
 
+from sys import intern
 from typing import Optional, Protocol
 
 from mediaproxy.protocol.proxy import UpdateRequest
@@ -29,6 +30,11 @@ class StreamAllocator(Protocol):
 
 
 class Session:
+    # a relay holds one per call: no __dict__
+    __slots__ = ("call_id", "from_tag", "to_tag", "from_uri", "to_uri", "caller_ua", "callee_ua", "username",
+                 "dialog_id", "owner", "created", "start_time", "end_time", "streams", "all_streams",
+                 "_transaction", "_offerer", "_last_cseq_caller", "_last_cseq_callee")
+
     def __init__(self, call_id: str, from_tag: str, now: float):
         self.call_id = call_id
         self.from_tag = from_tag
@@ -47,7 +53,8 @@ class Session:
         self.all_streams = []             # every stream the session had, in order of creation
         self._transaction = None          # (requester party, cseq) of the current exchange
         self._offerer = None              # who made the offer in that exchange
-        self._last_cseq = {CALLER: -1, CALLEE: -1}
+        self._last_cseq_caller = -1       # the last CSeq of an exchange each party requested
+        self._last_cseq_callee = -1       # (two attributes: a dict costs ~180 bytes a session)
 
     def sender(self, request: UpdateRequest) -> str:
         caller_is_from = request.from_tag == self.from_tag
@@ -72,16 +79,25 @@ class Session:
         requester = party if request.is_request else other_party(party)
         transaction = (requester, request.cseq)
         if transaction != self._transaction:
-            if request.cseq <= self._last_cseq[requester]:
+            if request.cseq <= self._last_cseq(requester):
                 return self._ports_for(other_party(party), len(request.media))     # stale exchange
             self._transaction, self._offerer = transaction, None
-            self._last_cseq[requester] = request.cseq
+            self._set_last_cseq(requester, request.cseq)
         if self._offerer in (None, party):
             self._offerer = party
             self._apply_offer(party, request.media, allocator, now)
         else:
             self._apply_answer(party, request.media, allocator, now)
         return self._ports_for(other_party(party), len(request.media))
+
+    def _last_cseq(self, requester: str) -> int:
+        return self._last_cseq_caller if requester == CALLER else self._last_cseq_callee
+
+    def _set_last_cseq(self, requester: str, cseq: int) -> None:
+        if requester == CALLER:
+            self._last_cseq_caller = cseq
+        else:
+            self._last_cseq_callee = cseq
 
     def _note_party_details(self, request: UpdateRequest, party: str) -> None:
         if request.to_tag and self.to_tag is None:
@@ -92,10 +108,11 @@ class Session:
         if request.signaling is not None and request.signaling.username and party == CALLER:
             self.username = self.username or request.signaling.username
         if request.user_agent:
+            # few distinct user agents over many calls: one copy of each
             if party == CALLER:
-                self.caller_ua = self.caller_ua or request.user_agent
+                self.caller_ua = self.caller_ua or intern(request.user_agent)
             else:
-                self.callee_ua = self.callee_ua or request.user_agent
+                self.callee_ua = self.callee_ua or intern(request.user_agent)
 
     def _ports_for(self, recipient: str, count: int) -> list:
         ports = []
@@ -136,7 +153,7 @@ class Session:
         for stream, media in zip(matched, media_list):
             if stream is not None:
                 stream.describe(offerer, media, now)
-        self.all_streams.extend(opened)
+        self.all_streams = self.all_streams + opened       # a new list of the exact size
         self.streams = matched
 
     def _apply_answer(self, answerer, media_list, allocator, now) -> None:

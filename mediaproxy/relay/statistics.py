@@ -3,7 +3,7 @@
 
 from collections import Counter
 
-from mediaproxy.relay.streams import CALLEE, CALLER, RTP
+from mediaproxy.relay.streams import CALLEE, CALLER
 
 
 def _address(address) -> str:
@@ -35,8 +35,8 @@ def stream_statistics(stream, session, advertised_ip: str, now: float) -> dict:
         "callee_packets": callee.packet_count,
         "caller_local": "%s:%d" % (advertised_ip, caller.port),
         "callee_local": "%s:%d" % (advertised_ip, callee.port),
-        "caller_remote": _address(caller.latched[RTP] or caller.sdp_address),
-        "callee_remote": _address(callee.latched[RTP] or callee.sdp_address),
+        "caller_remote": _address(caller.latched_rtp or caller.sdp_address),
+        "callee_remote": _address(callee.latched_rtp or callee.sdp_address),
     }
 
 

@@ -5,8 +5,13 @@ one facing the callee (RTP on the even port, RTCP on the next). A leg
 latches onto its party's real address from the first packet that party
 sends; afterwards only that address is accepted. A packet received on one
 leg is sent out of the other leg's port to the other party.
+
+A relay holds tens of thousands of these at once, so they are slotted and
+keep their per-component state (RTP, RTCP) in pairs of attributes rather
+than in lists; a leg is itself the receiver its port pair delivers to.
 """
 
+from sys import intern
 from typing import Callable
 
 from mediaproxy.protocol.media import MediaDescription
@@ -26,38 +31,79 @@ def other_party(party: str) -> str:
     return CALLEE if party == CALLER else CALLER
 
 
+def shared_address(address):
+    """(ip, port) with the one copy of its IP string: the addresses a relay keeps (latched,
+    announced) are few distinct IPs over many calls (gateways, NATs, RTP and RTCP of a party)."""
+    ip, port = address
+    return intern(ip), port
+
+
+class PerComponent:
+    """Two attributes of a leg, one per component, seen as an [RTP, RTCP] sequence: for tests
+    and tools that index by component (the leg keeps them apart, smaller than a list)."""
+
+    __slots__ = ("leg", "names")
+
+    def __init__(self, leg, names):
+        self.leg, self.names = leg, names
+
+    def __getitem__(self, component: int):
+        return getattr(self.leg, self.names[component])
+
+    def __setitem__(self, component: int, value) -> None:
+        setattr(self.leg, self.names[component], value)
+
+    def __len__(self):
+        return 2
+
+    def __iter__(self):
+        return iter((self[RTP], self[RTCP]))
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+    def __repr__(self):
+        return repr(list(self))
+
+
+def _per_component(rtp_name: str, rtcp_name: str, doc: str) -> property:
+    names = (rtp_name, rtcp_name)
+
+    def assign(leg, values):
+        setattr(leg, rtp_name, values[RTP])
+        setattr(leg, rtcp_name, values[RTCP])
+    return property(lambda leg: PerComponent(leg, names), assign, doc=doc)
+
+
 class Leg:
-    """The relay's port pair facing one party, and what it learnt of that party."""
+    """The relay's port pair facing one party, what it learnt of that party, and the packet
+    path of that party's packets: calling the leg is receiving one (see __call__)."""
 
-    __slots__ = ("port", "sdp_address", "latched", "media_seen", "packets", "bytes", "kernel_packets",
-                 "kernel_bytes", "dropped", "codec", "on_hold", "ice", "first_packet_time")
+    __slots__ = ("stream", "peer", "port", "sdp_address", "latched_rtp", "latched_rtcp", "media_seen_rtp",
+                 "media_seen_rtcp", "packet_count", "byte_count", "dropped", "codec", "on_hold", "ice")
 
-    def __init__(self, port: int):
+    def __init__(self, stream: "MediaStream", port: int):
+        self.stream = stream
+        self.peer = None                  # the stream's other leg
         self.port = port
         self.sdp_address = None           # (ip, port) the party announced in its SDP
-        self.latched = [None, None]       # real (ip, port) per component, from its first packet
-        self.media_seen = [False, False]  # a packet other than STUN came, per component
-        self.packets = [0, 0]             # received from the party in user space, per component
-        self.bytes = [0, 0]
-        self.kernel_packets = [0, 0]      # forwarded from the party by the kernel, per component
-        self.kernel_bytes = [0, 0]
+        self.latched_rtp = None           # real (ip, port) of the party's RTP, from its first packet
+        self.latched_rtcp = None
+        self.media_seen_rtp = False       # a packet other than STUN came (RTP)
+        self.media_seen_rtcp = False
+        self.packet_count = 0             # UDP payload received from the party, RTP and RTCP, in user
+        self.byte_count = 0               # space and by the kernel (its counters are added as read)
         self.dropped = 0                  # packets from addresses other than the latched one
         self.codec = None
         self.on_hold = False
         self.ice = False
-        self.first_packet_time = None
+
+    latched = _per_component("latched_rtp", "latched_rtcp", "latched addresses as [RTP, RTCP]")
+    media_seen = _per_component("media_seen_rtp", "media_seen_rtcp", "media seen as [RTP, RTCP]")
 
     def reset_latch(self):
-        self.latched = [None, None]
-        self.media_seen = [False, False]
-
-    @property
-    def packet_count(self) -> int:
-        return sum(self.packets) + sum(self.kernel_packets)
-
-    @property
-    def byte_count(self) -> int:
-        return sum(self.bytes) + sum(self.kernel_bytes)
+        self.latched_rtp = self.latched_rtcp = None
+        self.media_seen_rtp = self.media_seen_rtcp = False
 
     def describe(self, media: MediaDescription) -> bool:
         """Take the party's SDP for this stream; True when its address changed (re-latch needed)."""
@@ -67,10 +113,74 @@ class Leg:
             return False
         address = (media.ip, media.port)
         changed = self.sdp_address is not None and self.sdp_address != address
-        self.sdp_address = address
+        if self.sdp_address != address:
+            self.sdp_address = shared_address(address)
         if changed:
             self.reset_latch()
         return changed
+
+    def __call__(self, component: int, source, data: bytes, now: float):
+        """A packet from the party: where to send it, as (out_port, destination), or None to drop."""
+        # The per-packet path of user-space forwarding: the common case (a latched party, media
+        # seen, codec known) takes no call and as few lookups as possible.
+        stream = self.stream
+        if stream.end_time is not None:
+            return None
+        peer = self.peer
+        if component:
+            latched, media_seen, destination = self.latched_rtcp, self.media_seen_rtcp, peer.latched_rtcp
+        else:
+            latched, media_seen, destination = self.latched_rtp, self.media_seen_rtp, peer.latched_rtp
+        if latched != source:
+            if latched is not None:
+                self.dropped += 1
+                return None
+            self._latch(component, source)
+        self.packet_count += 1
+        self.byte_count += len(data)
+        stream.last_activity = now
+        if not media_seen:
+            self._media_check(component, data, now)
+        if self.codec is None and not component:
+            payload_type = rtp_payload_type(data)
+            if payload_type is not None:
+                self.codec = codec_name(payload_type)
+        if destination is None:
+            destination = self._sdp_destination(component)
+            if destination is None:
+                return None
+        return peer.port + component, destination
+
+    def _latch(self, component: int, source) -> None:
+        if component:
+            self.latched_rtcp = shared_address(source)
+        else:
+            self.latched_rtp = shared_address(source)
+
+    def _media_check(self, component: int, data: bytes, now: float) -> None:
+        """Until a party's first packet other than STUN: STUN is relayed but never hands a
+        stream to the kernel (ICE may still move it)."""
+        if is_stun(data):
+            return
+        if component:
+            self.media_seen_rtcp = True
+            both = self.peer.media_seen_rtcp
+        else:
+            self.media_seen_rtp = True
+            both = self.peer.media_seen_rtp
+        stream = self.stream
+        if stream.first_media_time is None:
+            stream.first_media_time = now
+        if both:
+            stream.listener.latched(stream, component)
+
+    def _sdp_destination(self, component: int):
+        """Before the peer latched: its SDP address, if it may be sent to."""
+        address = self.peer.sdp_address
+        if address is None:
+            return None
+        ip, port = address
+        return (ip, port + component) if self.stream.routable(ip) else None
 
 
 class StreamListener:
@@ -83,16 +193,26 @@ class StreamListener:
         """A party's address changed: its latch is gone."""
 
 
+NO_LISTENER = StreamListener()
+
+
+def _any_address(ip: str) -> bool:
+    return True
+
+
 class MediaStream:
     """One m-line of the call, relayed between a caller leg and a callee leg."""
 
-    listener = StreamListener()
+    __slots__ = ("media_type", "call_id", "caller", "callee", "created", "last_activity", "in_kernel",
+                 "first_media_time", "end_time", "status", "timeout_wait", "listener", "routable")
 
     def __init__(self, media_type: str, caller_port: int, callee_port: int, now: float,
-                 routable: Callable[[str], bool] = lambda ip: True):
-        self.media_type = media_type
+                 routable: Callable[[str], bool] = _any_address):
+        self.media_type = intern(media_type)
         self.call_id = None
-        self.legs = {CALLER: Leg(caller_port), CALLEE: Leg(callee_port)}
+        self.caller = Leg(self, caller_port)
+        self.callee = Leg(self, callee_port)
+        self.caller.peer, self.callee.peer = self.callee, self.caller
         self.created = now
         self.last_activity = now          # the last packet, or the last change of hold: timers count from here
         self.in_kernel = False            # its RTP is relayed by the kernel, whose entry times it out
@@ -100,7 +220,12 @@ class MediaStream:
         self.end_time = None
         self.status = None                # set when the stream ends: closed, rejected, ... timeout
         self.timeout_wait = 0
-        self._routable = routable
+        self.listener = NO_LISTENER
+        self.routable = routable          # whether packets may go to an SDP address before a latch
+
+    @property
+    def legs(self) -> tuple:
+        return self.caller, self.callee
 
     @property
     def ended(self) -> bool:
@@ -108,7 +233,7 @@ class MediaStream:
 
     @property
     def on_hold(self) -> bool:
-        return self.legs[CALLER].on_hold or self.legs[CALLEE].on_hold
+        return self.caller.on_hold or self.callee.on_hold
 
     @property
     def current_status(self) -> str:
@@ -117,7 +242,7 @@ class MediaStream:
         return "on hold" if self.on_hold else "active"
 
     def leg(self, party: str) -> Leg:
-        return self.legs[party]
+        return self.caller if party == CALLER else self.callee
 
     def end(self, status: str, now: float) -> None:
         if self.end_time is None:
@@ -126,19 +251,21 @@ class MediaStream:
 
     def is_latched(self, component: int) -> bool:
         """Both parties latched and sending media (not only STUN): the kernel may take over."""
-        return all(leg.media_seen[component] for leg in self.legs.values())
+        if component:
+            return self.caller.media_seen_rtcp and self.callee.media_seen_rtcp
+        return self.caller.media_seen_rtp and self.callee.media_seen_rtp
 
     def describe(self, party: str, media: MediaDescription, now: float) -> None:
         """Take `party`'s SDP for this stream; a changed address undoes its latch."""
         was_on_hold = self.on_hold
-        if self.legs[party].describe(media):
+        if self.leg(party).describe(media):
             self.listener.unlatched(self)
         if self.on_hold != was_on_hold:
             self.last_activity = now      # hold and un-hold start the timer that fits again
 
     @property
     def ice(self) -> bool:
-        return all(leg.ice for leg in self.legs.values())
+        return self.caller.ice and self.callee.ice
 
     def timed_out(self, now: float, stream_timeout: float, on_hold_timeout: float):
         """(status, timeout_wait) when this stream has been silent too long, else None.
@@ -156,52 +283,4 @@ class MediaStream:
 
     def on_packet(self, party: str, component: int, source, data: bytes, now: float):
         """A packet from `party`'s side: where to send it, as (out_port, destination), or None to drop."""
-        # The per-packet path of user-space forwarding: the common case (a latched party, media
-        # seen, codec known) takes no call and as few lookups as possible.
-        if self.end_time is not None:
-            return None
-        legs = self.legs
-        leg = legs[party]
-        latched = leg.latched
-        if latched[component] != source:
-            if latched[component] is not None:
-                leg.dropped += 1
-                return None
-            latched[component] = source
-        leg.packets[component] += 1
-        leg.bytes[component] += len(data)
-        self.last_activity = now
-        peer = legs[CALLEE if party == CALLER else CALLER]
-        if not leg.media_seen[component]:
-            self._media_check(leg, peer, component, data, now)
-        if leg.codec is None and component == RTP:
-            payload_type = rtp_payload_type(data)
-            if payload_type is not None:
-                leg.codec = codec_name(payload_type)
-        destination = peer.latched[component]
-        if destination is None:
-            destination = self._sdp_destination(peer, component)
-            if destination is None:
-                return None
-        return peer.port + component, destination
-
-    def _media_check(self, leg: Leg, peer: Leg, component: int, data: bytes, now: float) -> None:
-        """Until a party's first packet other than STUN: STUN is relayed but never hands a
-        stream to the kernel (ICE may still move it)."""
-        if is_stun(data):
-            return
-        leg.media_seen[component] = True
-        if leg.first_packet_time is None:
-            leg.first_packet_time = now
-            if self.first_media_time is None:
-                self.first_media_time = now
-        if peer.media_seen[component]:
-            self.listener.latched(self, component)
-
-    def _sdp_destination(self, peer: Leg, component: int):
-        """Before the peer latched: its SDP address, if it may be sent to."""
-        address = peer.sdp_address
-        if address is None:
-            return None
-        ip, port = address
-        return (ip, port + component) if self._routable(ip) else None
+        return self.leg(party)(component, source, data, now)

@@ -65,7 +65,8 @@ class MediaPort:
     def _read(self, limit: int) -> None:
         # The per-packet path of user-space forwarding.
         forwarding = self.forwarding
-        recvfrom, receiver, component = self.socket.recvfrom, self.receiver, self.component
+        # A Leg's __call__ as a bound method: called without the argument tuple that calling the leg builds.
+        recvfrom, receiver, component = self.socket.recvfrom, self.receiver.__call__, self.component
         now = forwarding.clock.seconds()
         for _ in range(limit):
             try:
@@ -125,6 +126,10 @@ class UserspaceForwarding(StreamListener):
             for listening in opened:
                 listening.stopListening()
             raise PortUnavailable(port) from None
+        except OSError:                 # no descriptor or buffer left: the caller says so
+            for listening in opened:
+                listening.stopListening()
+            raise
         self.sockets[port], self.sockets[port + 1] = opened
         self.receivers[port] = receiver
 

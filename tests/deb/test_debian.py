@@ -102,11 +102,11 @@ def test_the_packages_install_the_layout_operators_expect(installed):
     assert sorted(installed_packages()) == sorted(PACKAGES), installed
     for path in ("/usr/bin/media-dispatcher", "/usr/bin/media-relay", "/etc/mediaproxy/config.ini.sample",
                  "/etc/mediaproxy/radius/dictionary", "/usr/share/mediaproxy/tls/make-certs",
-                 "/usr/share/doc/mediaproxy-common/INSTALL.gz"):
+                 "/usr/share/doc/mediaproxy-common/INSTALL.gz", "/usr/share/doc/mediaproxy-common/SECURITY.md.gz"):
         assert Path(path).is_file(), path
     assert (CONFIG_DIR / "tls").is_dir() and Path("/var/spool/mediaproxy").is_dir()
     # Debian's Python and Debian's libraries, not this checkout's virtualenv
-    for daemon in ("media-dispatcher", "media-relay"):
+    for daemon in ("media-dispatcher", "media-relay", "media-sessions"):
         assert Path("/usr/bin", daemon).read_text().startswith("#!/usr/bin/python3\n")
         assert run(["/usr/bin/" + daemon, "--version"]).stdout.strip().startswith(daemon + " ")
         assert run(["man", "-w", daemon]).stdout.strip() == f"/usr/share/man/man1/{daemon}.1.gz"

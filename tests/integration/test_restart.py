@@ -9,6 +9,7 @@ import sqlalchemy
 
 from tests.integration.conftest import RELAY_A
 from tests.integration.daemons import Call
+from tests.integration.test_accounting import rows
 from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.integration
@@ -83,17 +84,25 @@ def test_a_corrupt_state_file_is_set_aside_and_the_dispatcher_starts(one_relay):
         assert proxy.remove("after-corruption") == "removed"
 
 
-def test_sessions_of_a_relay_that_never_comes_back_are_forgotten(cluster):
-    cluster.start_dispatcher(cleanup_dead_relays_after=2)
+def test_sessions_of_a_relay_that_never_comes_back_are_lost_and_accounted(cluster, tmp_path):
+    url = "sqlite:///%s" % (tmp_path / "accounting.sqlite")
+    cluster.start_dispatcher(cleanup_dead_relays_after=2, accounting="database",
+                             sections={"Database": {"dburi": url}})
     relay = cluster.start_relay(RELAY_A)
     with cluster.proxy() as proxy:
         call = Call(proxy, "orphan")
     call.close()
     relay.stop(signum=signal.SIGKILL)
-    cluster.dispatcher.wait_for_log(r"relay 127\.0\.0\.2 did not come back in 2 s: forgot its 1 sessions",
+    cluster.dispatcher.wait_for_log(r"relay 127\.0\.0\.2 did not come back in 2 s: its 1 sessions are lost",
                                     timeout=10)
+    cluster.dispatcher.wait_for_log(r"session orphan lost: relay 127\.0\.0\.2 did not come back", timeout=5)
     with cluster.proxy() as proxy:
         assert proxy.remove("orphan") == "error"
+    wait_for(lambda: rows(url), timeout=10, message="no accounting row for the lost call")
+    [(call_id, _, _, info)] = rows(url)
+    info = json.loads(info)
+    assert call_id == "orphan" and info["relay_lost"] is True and info["streams"] == []
+    assert info["start_time"] is not None and info["duration"] >= 0
 
 
 def test_a_call_that_expires_while_the_dispatcher_is_down_is_reported_when_it_is_back(cluster, tmp_path):

@@ -29,6 +29,8 @@ def test_a_relay_with_a_certificate_of_another_ca_is_refused(cluster, tmp_path):
     lines = log_lines(cluster.dispatcher, INTRUDER)
     assert len(lines) == 1, lines
     assert " WARNING: " in lines[0]
+    assert "TLS handshake with relay 127.0.0.4 failed: certificate not signed by our CA (O=MediaProxy Test, " \
+        "CN=relay)" in lines[0]
     assert "Traceback" not in cluster.dispatcher.log_text()
     cluster.assert_alive()
 

@@ -2,6 +2,7 @@
 name the section, the key and the value."""
 
 import ipaddress
+import re
 import logging
 import os
 
@@ -30,6 +31,7 @@ def test_the_defaults():
     assert (r.keepalive_interval, r.dns_check_interval, r.reconnect_delay) == (10, 60, 10)
     assert r.routable_private_ranges == ()
     assert config.tls.certs_path == "tls" and config.tls.verify_interval == 300
+    assert config.tls.handshake_timeout == 10 and d.management_idle_timeout == 300
     assert config.database.sessions_table == "media_sessions"
     assert (config.database.callid_column, config.database.fromtag_column, config.database.totag_column,
             config.database.info_column) == ("call_id", "from_tag", "to_tag", "info")
@@ -105,6 +107,27 @@ def test_an_empty_ip_is_unset():
     assert parse("[Relay]\nrelay_ip =\n").relay.relay_ip is None
 
 
+@pytest.mark.parametrize("section, address, exposed", [
+    ("", ("0.0.0.0", 25061), False),                                       # TLS guards it
+    ("management_use_tls = no", ("127.0.0.1", 25061), False),              # plain: loopback only
+    ("management_use_tls = no\nlisten_management = :26001", ("0.0.0.0", 26001), True),
+    ("management_use_tls = no\nlisten_management = 192.0.2.1", ("192.0.2.1", 25061), True),
+    ("management_use_tls = no\nlisten_management = [::]:26001", ("::", 26001), True),
+    ("management_use_tls = no\nlisten_management = 127.0.0.5:26001", ("127.0.0.5", 26001), False),
+    ("management_use_tls = no\nlisten_management = [::1]:26001", ("::1", 26001), False),
+    ("management_use_tls = yes\nlisten_management = 192.0.2.1", ("192.0.2.1", 25061), False),
+])
+def test_the_management_port_is_on_loopback_unless_tls_guards_it_or_an_address_is_given(section, address, exposed):
+    d = parse("[Dispatcher]\n%s\n" % section).dispatcher
+    assert d.listen_management == address
+    assert d.management_exposed is exposed
+
+
+def test_access_timeouts():
+    config = parse("[Dispatcher]\nmanagement_idle_timeout = 60\n[TLS]\nhandshake_timeout = 2.5\n")
+    assert config.dispatcher.management_idle_timeout == 60 and config.tls.handshake_timeout == 2.5
+
+
 def test_a_listen_address_without_a_host_listens_everywhere():
     assert parse("[Dispatcher]\nlisten = :25070\n").dispatcher.listen == ("0.0.0.0", 25070)
     assert parse("[Dispatcher]\nlisten = 192.0.2.1\n").dispatcher.listen == ("192.0.2.1", 25060)
@@ -151,6 +174,8 @@ config_file = /etc/radiusclient/radiusclient.conf
     ("Dispatcher", "relay_timeout", "-5"),
     ("Dispatcher", "relay_timeout", "soon"),
     ("Dispatcher", "relay_recover_interval", "nan"),
+    ("Dispatcher", "management_idle_timeout", "0"),
+    ("TLS", "handshake_timeout", "never"),
     ("Dispatcher", "accounting", "database, mysql"),
     ("Dispatcher", "log_level", "loud"),
     ("Dispatcher", "passport", "CN"),
@@ -222,3 +247,17 @@ def test_socket_group_is_a_name_or_nothing():
     assert parse("").dispatcher.socket_group is None
     assert parse("[Dispatcher]\nsocket_group = kamailio\n").dispatcher.socket_group == "kamailio"
     assert parse("[Dispatcher]\nsocket_group =\n").dispatcher.socket_group is None
+
+
+def test_config_ini_sample_lists_every_option_with_its_default():
+    from dataclasses import fields
+    from pathlib import Path
+    from mediaproxy.configuration import SECTIONS
+    sample = (Path(__file__).resolve().parents[2] / "config.ini.sample").read_text()
+    # ";key = value" lines (no space after the ';') are the options, commented out.
+    uncommented = "\n".join(line[1:] if line[:1] == ";" and line[1:2].isalpha() and " = " in line else line
+                            for line in sample.splitlines())
+    assert parse(uncommented) == parse("")
+    listed = set(re.findall(r"^;(\w+) =", sample, re.M))
+    documented = {f.name for cls in SECTIONS.values() for f in fields(cls)}
+    assert documented - listed == set()

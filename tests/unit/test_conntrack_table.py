@@ -134,7 +134,7 @@ def test_a_hand_over_inhibits_the_flows_replaces_the_old_entries_and_releases_th
         ("release", [caller_member, callee_member])]
     assert netlink.inhibited == set()
     assert list(netlink.entries) == [caller_flow]
-    assert table.kernel_ports == {40000, 40002}
+    assert set(table.kernel_ports) == {40000, 40002}
 
 
 def test_hand_overs_of_one_turn_go_in_one_batch(kernel):
@@ -154,7 +154,7 @@ def test_a_refused_entry_stays_in_user_space(kernel):
     stream = latched_stream()
     netlink.refuse.add(Tuple5("198.51.100.10", RELAY, 4000, 40000))
     assert table.install([entry_for(stream, RTP, RELAY)]) == []
-    assert len(table) == 0 and table.kernel_ports == set()
+    assert len(table) == 0 and not table.kernel_ports
 
 
 def test_nothing_is_registered_when_netlink_fails(kernel):
@@ -162,7 +162,7 @@ def test_nothing_is_registered_when_netlink_fails(kernel):
     netlink.fail = True
     with pytest.raises(OSError):
         table.install([entry_for(latched_stream(), RTP, RELAY)])
-    assert len(table) == 0 and table.kernel_ports == set()
+    assert len(table) == 0 and not table.kernel_ports
 
 
 def test_counters_are_udp_payload_and_kept_when_the_entry_goes(kernel):
@@ -170,18 +170,23 @@ def test_counters_are_udp_payload_and_kept_when_the_entry_goes(kernel):
     stream = latched_stream()
     [entry] = table.install([entry_for(stream, RTP, RELAY)])
     user_space = stream.leg(CALLER).packet_count, stream.leg(CALLEE).packet_count
+    user_space_bytes = stream.leg(CALLER).byte_count, stream.leg(CALLEE).byte_count
     kernel_entry = netlink.entries[entry.orig]
     kernel_entry.orig_packets, kernel_entry.orig_bytes = 10, 10 * 200
     kernel_entry.reply_packets, kernel_entry.reply_bytes = 8, 8 * 60
     assert table.refresh_counters() == set()
     assert stream.leg(CALLER).packet_count == user_space[0] + 10
-    assert stream.leg(CALLER).kernel_bytes[RTP] == 10 * 172
-    assert stream.leg(CALLEE).kernel_bytes[RTP] == 8 * 32
+    assert stream.leg(CALLEE).packet_count == user_space[1] + 8
+    assert stream.leg(CALLER).byte_count == user_space_bytes[0] + 10 * 172
+    assert stream.leg(CALLEE).byte_count == user_space_bytes[1] + 8 * 32
+    assert table.refresh_counters() == set()            # read again: nothing counted twice
     before = stream.leg(CALLER).byte_count, stream.leg(CALLEE).byte_count
+    assert stream.leg(CALLER).packet_count == user_space[0] + 10
+    kernel_entry.orig_packets, kernel_entry.orig_bytes = 12, 12 * 200    # the last ones, read on removal
     assert table.remove_port(stream.leg(CALLEE).port) == [entry]
-    assert (stream.leg(CALLER).byte_count, stream.leg(CALLEE).byte_count) == before
-    assert stream.leg(CALLER).kernel_packets == [0, 0]
-    assert netlink.entries == {} and len(table) == 0 and table.kernel_ports == set()
+    assert (stream.leg(CALLER).byte_count, stream.leg(CALLEE).byte_count) == (before[0] + 2 * 172, before[1])
+    assert stream.leg(CALLER).packet_count == user_space[0] + 12
+    assert netlink.entries == {} and len(table) == 0 and not table.kernel_ports
     assert table.remove_port(stream.leg(CALLER).port) == []
 
 
@@ -278,3 +283,40 @@ def attribute_offsets(message):
 def test_the_packed_ipv4_member_is_the_general_one():
     flow = Tuple5("198.51.100.10", RELAY, 4000, 40000)
     assert ipset._data(flow) == ipset._data_general(flow)
+
+
+def test_an_entry_is_found_by_its_original_tuple_only(kernel):
+    netlink, table = kernel
+    stream = latched_stream()
+    rtp, rtcp = table.install([entry_for(stream, RTP, RELAY), entry_for(stream, RTCP, RELAY)])
+    assert len(table) == 2 and set(table.kernel_ports) == {40000, 40001, 40002, 40003}
+    assert table.find(Tuple5("198.51.100.10", RELAY, 4000, 40000)) is rtp
+    assert table.find(Tuple5("198.51.100.10", RELAY, 4001, 40001)) is rtcp
+    assert table.find(Tuple5("198.51.100.66", RELAY, 4000, 40000)) is None     # another caller address
+    assert table.find(Tuple5("192.0.2.20", RELAY, 6000, 40002)) is None        # the reply direction
+    assert table.relays(stream, RTP) and table.relays(stream, RTCP)
+    assert table.remove_port(40002) == [rtp, rtcp]        # either leg's pair removes the stream's entries
+    assert len(table) == 0 and not table.relays(stream, RTP) and not stream.in_kernel
+
+
+def test_an_ended_entry_is_counted_once_and_its_sub_stream_goes_back_to_user_space(kernel):
+    netlink, table = kernel
+    stream = latched_stream()
+    [rtp, rtcp] = table.install([entry_for(stream, RTP, RELAY), entry_for(stream, RTCP, RELAY)])
+    before = stream.leg(CALLER).packet_count
+    last = netlink.entries[rtcp.orig]
+    last.orig_packets, last.orig_bytes = 5, 5 * 100
+    table.refresh_counters()
+    table.ended(rtcp, last)
+    assert stream.leg(CALLER).packet_count == before + 5
+    assert stream.leg(CALLER).media_seen == [True, False] and stream.leg(CALLEE).media_seen == [True, False]
+    assert set(table.kernel_ports) == {40000, 40002} and stream.in_kernel
+    table.ended(rtp)
+    assert not stream.in_kernel and len(table) == 0
+
+
+def test_what_the_relay_holds_per_call_has_no_instance_dict():
+    # tens of thousands at once (issue 8): a __dict__ each would cost more than the objects
+    stream = latched_stream()
+    for obj in (stream, stream.leg(CALLER), entry_for(stream, RTP, RELAY)):
+        assert not hasattr(obj, "__dict__"), type(obj).__name__

@@ -46,6 +46,9 @@ class FakeRelay:
                 deferred.errback(e)
         return deferred
 
+    def send(self, name, headers, answered):
+        self.send_command(name, headers).addCallbacks(answered, lambda failure: answered(failure.value))
+
     def names(self, name="update"):
         return [headers["call_id"] for command, headers, _ in self.commands if command == name]
 
@@ -223,7 +226,7 @@ def test_concurrent_updates_of_a_new_call_go_to_one_relay(dispatcher):
     assert a.names() == ["call-1", "call-1"] and b.names() == []
     a.pending()[0].callback("10.1.0.1 40000")
     assert second == ["10.1.0.1 40000"]
-    assert dispatcher._call_locks == {}
+    assert dispatcher._busy_calls == {}
 
 
 def test_updates_of_different_calls_do_not_wait_for_each_other(dispatcher):
@@ -404,6 +407,55 @@ def test_on_connect_the_sessions_the_relay_no_longer_has_are_forgotten(dispatche
     assert sorted(dispatcher.sessions) == ["elsewhere", "kept"]
 
 
+def lost_relay_dispatcher(backend):
+    """A dispatcher whose relay 10.1.0.1 holds `answered` (offer at 100, answer at 110) and
+    `unanswered` (offer only), and is lost at 160."""
+    dialogs = Dialogs()
+    clock = Clock()
+    dispatcher = Dispatcher(clock, rng=random.Random(4), accounting=[backend], dialogs=dialogs)
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    clock.advance(100)
+    result(dispatcher.proxy_request(update("answered", dialog_id="1:1")))
+    result(dispatcher.proxy_request(update("unanswered", dialog_id="2:2")))
+    clock.advance(10)
+    result(dispatcher.proxy_request(update("answered", kind="reply", media="audio:10.0.0.9:6000:sendrecv")))
+    clock.advance(50)
+    dispatcher.relay_disconnected(relay, "killed")
+    clock.advance(20)
+    return dispatcher, clock, dialogs
+
+
+def test_sessions_a_restarted_relay_lost_are_accounted_once_and_their_dialogs_ended(backend):
+    dispatcher, clock, dialogs = lost_relay_dispatcher(backend)
+    dispatcher.relay_connected(FakeRelay("10.1.0.1", sessions=[]))      # back, without them
+    assert dispatcher.sessions == {}
+    [record] = backend.saved                                              # the unanswered one is not billed
+    assert (record["call_id"], record["start_time"], record["duration"]) == ("answered", 110.0, 50.0)
+    assert record["relay_lost"] is True and record["timed_out"] is True and record["streams"] == []
+    assert (record["from_uri"], record["dialog_id"]) == (None, "1:1")
+    assert sorted(dialogs.ended) == [("1:1", "answered"), ("2:2", "unanswered")]
+    dispatcher.clean_up(dead_relays_after=10, expired_sessions_after=3600)
+    assert len(backend.saved) == 1
+
+
+def test_sessions_of_a_relay_that_never_comes_back_are_accounted_when_it_is_given_up(backend):
+    dispatcher, clock, dialogs = lost_relay_dispatcher(backend)
+    dispatcher.clean_up(dead_relays_after=60, expired_sessions_after=3600)
+    assert backend.saved == [] and len(dispatcher.sessions) == 2          # it may still come back
+    clock.advance(40)
+    dispatcher.clean_up(dead_relays_after=60, expired_sessions_after=3600)
+    assert dispatcher.sessions == {}
+    assert [(r["call_id"], r["duration"]) for r in backend.saved] == [("answered", 50.0)]
+    assert len(dialogs.ended) == 2
+
+
+def test_a_relay_that_comes_back_with_its_sessions_loses_none(backend):
+    dispatcher, clock, dialogs = lost_relay_dispatcher(backend)
+    dispatcher.relay_connected(FakeRelay("10.1.0.1", sessions=["answered", "unanswered"]))
+    assert sorted(dispatcher.sessions) == ["answered", "unanswered"]
+    assert backend.saved == [] and dialogs.ended == []
+
+
 @pytest.mark.parametrize("answer", ["error", "not json", '{"call_id": "x"}', RelayTimeout("late")])
 def test_a_relay_that_cannot_list_its_sessions_keeps_them(dispatcher, answer):
     a, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
@@ -456,9 +508,9 @@ def test_management_summary_has_a_line_per_relay_and_an_error_line_for_a_failing
     lines = [json.loads(line) for line in management(dispatcher, "summary")]
     assert lines == [
         {"ip": "10.1.0.1", "version": "1.0", "status": "active", "uptime": 5, "session_count": 1,
-         "stream_count": {"audio": 1}, "bps_relayed": 64000},
-        {"ip": "10.1.0.2", "status": "error"},
-        {"ip": "10.1.0.3", "status": "error"},
+         "stream_count": {"audio": 1}, "bps_relayed": 64000, "draining": False},
+        {"ip": "10.1.0.2", "status": "error", "draining": False},
+        {"ip": "10.1.0.3", "status": "error", "draining": False},
     ]
 
 
@@ -469,3 +521,77 @@ def test_management_summary_without_relays_is_empty(dispatcher):
 def test_management_version_and_unknown_commands(dispatcher):
     assert management(dispatcher, "version") == [__version__]
     assert management(dispatcher, "reboot") == ["error"]
+
+
+# The management interface's own commands (find, end, drain, undrain, relay)
+
+class Dialogs:
+    def __init__(self):
+        self.ended = []
+
+    def end_dialog(self, dialog_id, call_id):
+        self.ended.append((dialog_id, call_id))
+
+
+def test_find_asks_the_relays_to_match_and_keeps_only_matching_sessions(dispatcher):
+    listed = [{"call_id": "abc@host", "from_uri": "sip:Alice@example.com"}, {"call_id": "xyz", "to_tag": "t"}]
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", lambda name, headers: json.dumps(listed)))
+    # a relay that does not know `match` lists everything: the dispatcher filters again
+    assert [json.loads(line)["call_id"] for line in management(dispatcher, "find ALICE")] == ["abc@host"]
+    assert relay.commands[-1][:2] == ("sessions", {"match": "ALICE"})
+    assert management(dispatcher, "find") == ["error"]              # find needs something to look for
+
+
+def test_end_removes_the_session_on_its_relay_accounts_it_and_ends_the_dialog(backend):
+    dialogs = Dialogs()
+    dispatcher = Dispatcher(Clock(), rng=random.Random(4), accounting=[backend], dialogs=dialogs)
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update(dialog_id="7:9")))
+    lines = management(dispatcher, "end call-1")
+    assert [json.loads(line)["call_id"] for line in lines] == ["call-1"]
+    assert relay.commands[-1][:2] == ("remove", {"call_id": "call-1", "from_tag": "alice", "to_tag": ""})
+    assert "call-1" not in dispatcher.sessions
+    assert [record["call_id"] for record in backend.saved] == ["call-1"] and not backend.saved[0]["timed_out"]
+    assert dialogs.ended == [("7:9", "call-1")]
+    assert management(dispatcher, "end call-1") == ["error"]          # it is gone
+    assert management(dispatcher, "end no-such-call") == ["error"]
+
+
+def test_end_when_the_relay_cannot_remove_is_error_and_keeps_the_session(dispatcher, backend):
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000", removed="error")))
+    result(dispatcher.proxy_request(update()))
+    assert management(dispatcher, "end call-1") == ["error"]
+    assert "call-1" in dispatcher.sessions and backend.saved == []
+
+
+def test_a_drained_relay_gets_no_new_sessions_its_calls_go_on_and_undrain_restores_it(dispatcher):
+    a, b = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")),
+                   FakeRelay("10.1.0.2", replying("10.1.0.2 40000")))
+    assert result(dispatcher.proxy_request(update("call-1", media_relay="10.1.0.1"))) == "10.1.0.1 40000"
+    assert json.loads(management(dispatcher, "drain 10.1.0.1")[0]) == \
+        {"ip": "10.1.0.1", "connected": True, "draining": True, "session_count": 1}
+    # even when the proxy prefers it, a new call goes elsewhere; the running call stays
+    assert result(dispatcher.proxy_request(update("call-2", media_relay="10.1.0.1"))) == "10.1.0.2 40000"
+    assert result(dispatcher.proxy_request(update("call-1", kind="reply"))) == "10.1.0.1 40000"
+    assert a.names() == ["call-1", "call-1"]
+    assert [json.loads(line)["draining"] for line in management(dispatcher, "summary")] == [True, False]
+    assert json.loads(management(dispatcher, "undrain 10.1.0.1")[0])["draining"] is False
+    assert result(dispatcher.proxy_request(update("call-3", media_relay="10.1.0.1"))) == "10.1.0.1 40000"
+
+
+def test_drain_of_an_unknown_relay_is_error(dispatcher):
+    connect(dispatcher, FakeRelay("10.1.0.1"))
+    assert management(dispatcher, "drain 10.9.9.9") == ["error"]
+    assert management(dispatcher, "drain") == ["error"]
+
+
+def test_relay_details_are_its_summary_and_what_the_dispatcher_knows(dispatcher):
+    summary = {"ip": "10.1.0.1", "version": "1.0", "status": "active", "forwarding": "kernel",
+               "port_pairs": {"used": 2, "free": 98, "set_aside": 0}}
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", lambda name, headers:
+                                           json.dumps(summary) if name == "summary" else "10.1.0.1 40000"))
+    result(dispatcher.proxy_request(update()))
+    details = json.loads(management(dispatcher, "relay 10.1.0.1")[0])
+    assert details == {**summary, "draining": False, "active": True, "dispatcher_session_count": 1}
+    assert management(dispatcher, "relay 10.9.9.9") == ["error"]
+    assert management(dispatcher, "sessions extra") == ["error"]      # a command without argument takes none

@@ -13,6 +13,7 @@ from mediaproxy.protocol.proxy import RequestError, parse_update
 from mediaproxy.relay.core import RelayCore
 from mediaproxy.relay.forwarding import MemoryForwarding
 from mediaproxy.relay.ports import PortPool
+from tests.support.fuzzing import DEEP_JSON, FUZZ_SETTINGS, media_values, mutated, signaling_values
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMIT = 16
@@ -111,6 +112,52 @@ def test_parse_signaling_ip_raises_only_media_errors(text):
         pass
 
 
+@FUZZ_SETTINGS
+@given(media_values(max_streams=8))
+def test_a_generated_media_value_parses_to_what_was_generated(case):
+    text, streams = case
+    assert parse_media(text) == streams
+
+
+@FUZZ_SETTINGS
+@given(signaling_values())
+def test_a_generated_signaling_ip_parses_to_what_was_generated(case):
+    text, signaling = case
+    assert parse_signaling_ip(text) == signaling
+
+
+def _mutated_text(case_strategy):
+    """A generated value, mutated at the byte level, back as text (what a header value can be)."""
+    return case_strategy.flatmap(lambda case: mutated(case[0].encode())).map(
+        lambda data: data.decode("utf-8", "replace"))
+
+
+@FUZZ_SETTINGS
+@given(_mutated_text(media_values()))
+def test_a_mutated_media_value_parses_or_raises_media_error(text):
+    try:
+        streams = parse_media(text)
+    except MediaError:
+        return
+    for stream in streams:
+        assert 0 <= stream.port <= 65535 and stream.direction in ("sendrecv", "sendonly", "recvonly", "inactive")
+
+
+@FUZZ_SETTINGS
+@given(_mutated_text(signaling_values()))
+def test_a_mutated_signaling_ip_parses_or_raises_media_error(text):
+    try:
+        parse_signaling_ip(text)
+    except MediaError:
+        pass
+
+
+@pytest.mark.parametrize("text", ['{"signaling_ip": ' + DEEP_JSON.decode(), "{" + DEEP_JSON.decode()])
+def test_signaling_ip_json_nested_too_deep_is_a_media_error(text):
+    with pytest.raises(MediaError):
+        parse_signaling_ip(text)
+
+
 HEADER_NAMES = ["type", "call_id", "cseq", "from_tag", "to_tag", "dialog_id", "media", "media_relay",
                 "signaling_ip", "user_agent", "from_uri", "other"]
 
@@ -164,7 +211,7 @@ operations = st.lists(st.one_of(relay_updates().map(lambda h: ("update", h)),
 
 def held_ports(relay):
     return {leg.port for session in relay.sessions.values() for stream in session.all_streams
-            if not stream.ended for leg in stream.legs.values()}
+            if not stream.ended for leg in stream.legs}
 
 
 @SETTINGS

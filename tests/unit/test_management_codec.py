@@ -7,13 +7,16 @@ from mediaproxy.protocol.management import COMMANDS, ERROR, encode_answer, parse
 
 
 @pytest.mark.parametrize("line, command", [("summary", "summary"), ("  Sessions \t", "sessions"),
-                                           ("VERSION", "version"), ("", ""), ("   ", "")])
-def test_commands_are_lower_case_words(line, command):
+                                           ("VERSION", "version"), ("", ""), ("   ", ""),
+                                           ("FIND  Alice@Example.com ", "find Alice@Example.com"),
+                                           ("end call-1@host", "end call-1@host")])
+def test_command_words_are_lower_case_and_arguments_kept_as_given(line, command):
     assert parse_command(line) == command
 
 
 def test_the_known_commands():
-    assert COMMANDS == {"sessions", "summary", "version", "accounting", "quit", "exit"}
+    assert COMMANDS == {"sessions", "summary", "version", "accounting", "find", "end", "drain", "undrain", "relay",
+                        "quit", "exit"}
 
 
 def test_an_answer_is_its_lines_then_an_empty_line():

@@ -6,6 +6,7 @@ import os
 import socket
 
 import pytest
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 
 from mediaproxy.relay.kernel.parking import PortParking, _Catcher, destination_port, source_address
@@ -77,13 +78,27 @@ def test_waking_an_open_or_unknown_port_does_nothing(parking):
 
 def test_a_closed_pair_is_not_woken(parking):
     forwarding = parking.forwarding
-    parking.park(40001)
-    del forwarding.receivers[40000]             # the stream ended
-    parking.wake(40001)
-    assert forwarding.listened == [] and len(parking) == 0
     parking.park(40000)
-    parking.forget(40000)
+    parking.park(40001)
+    assert len(parking) == 2
+    parking.forget(40000)                       # the stream ended: the forwarding closes the pair
+    del forwarding.receivers[40000]
     assert len(parking) == 0
+    parking.wake(40001)
+    parking._packet_to(40000, ("203.0.113.9", 5000))
+    assert forwarding.listened == [] and len(parking) == 0
+
+
+def test_a_port_that_cannot_be_listened_on_again_stays_parked(parking):
+    forwarding = parking.forwarding
+    parking.park(40000)
+    listen, forwarding.listen = forwarding.listen, lambda port, receiver: (_ for _ in ()).throw(
+        CannotListenError("127.0.0.1", port, OSError(98, "Address already in use")))
+    parking.wake(40000)
+    assert len(parking) == 1 and 40000 not in forwarding.sockets
+    forwarding.listen = listen
+    parking._packet_to(40000, ("203.0.113.9", 5000))     # a stranger's packet tries again
+    assert forwarding.listened == [40000] and len(parking) == 0
 
 
 def test_only_a_strangers_packet_wakes_a_parked_port(parking):

@@ -170,6 +170,27 @@ def test_exhaustion_on_a_reoffer_keeps_the_call_as_it_was():
     assert relay.update(headers(cseq=3), 11.0) == "%s %d" % (RELAY_IP, audio)
 
 
+class OutOfDescriptors(MemoryForwarding):
+    """Sockets cannot be opened while `exhausted` (the process is at its descriptor limit)."""
+
+    exhausted = True
+
+    def open(self, port, receiver):
+        if self.exhausted:
+            raise OSError(24, "Too many open files")
+        super().open(port, receiver)
+
+
+def test_without_descriptors_an_offer_is_error_no_port_is_lost_and_it_recovers():
+    forwarding = OutOfDescriptors()
+    relay = RelayCore(RELAY_IP, PortPool(40000, 40006), forwarding, now=0.0)
+    assert relay.update(headers(), 1.0) == "error"
+    assert relay.sessions == {}
+    assert relay.ports.used_count == 0 and relay.ports.free_count == 3 and relay.ports.set_aside_ports == set()
+    forwarding.exhausted = False                          # descriptors are back
+    assert len(ports_of(relay.update(headers(), 2.0))) == 1
+
+
 def test_a_port_that_cannot_be_bound_is_set_aside_and_another_used():
     forwarding = MemoryForwarding(unavailable={40000, 40004})
     relay = RelayCore(RELAY_IP, PortPool(40000, 40020), forwarding, now=0.0)
@@ -344,3 +365,12 @@ def test_a_brief_sessions_list_names_the_sessions_without_reading_the_kernel():
     assert json.loads(core.handle("sessions", {"brief": "yes"}, 0.0)) == [
         {"call_id": "c1", "from_tag": "a", "to_tag": full["to_tag"], "dialog_id": "7:9"}]
     assert forwarding.refreshed == 1
+
+
+def test_sessions_with_match_lists_only_the_sessions_whose_ids_or_uris_hold_the_text(relay):
+    relay.update(headers("call-1"), 1.0)
+    relay.update(dict(headers("call-2"), from_uri="sip:carol@example.org"), 2.0)
+    listed = json.loads(relay.handle("sessions", {"match": "CAROL"}, 3.0))
+    assert [session["call_id"] for session in listed] == ["call-2"]
+    assert [s["call_id"] for s in json.loads(relay.handle("sessions", {"match": "call-"}, 3.0))] == ["call-1", "call-2"]
+    assert json.loads(relay.handle("sessions", {"match": "nobody"}, 3.0)) == []

@@ -258,6 +258,16 @@ def test_a_bad_command_is_answered_error_and_the_next_one_answered(dlink):
     assert lines[2].startswith(b"5 {")
 
 
+def test_a_command_that_fails_inside_the_relay_is_answered_error_and_the_link_keeps_working(relay, dlink, caplog):
+    handle = relay.handle_command
+    relay.handle_command = lambda link, command: 1 / 0 if command.seq == 8 else handle(link, command)
+    dlink.dataReceived(OFFER.replace(b"update 7", b"update 8") + b"summary 9\r\n\r\n")
+    lines = [line for line in written(dlink.transport).split(b"\r\n") if line]
+    assert lines[0] == b"8 error" and lines[1].startswith(b"9 {")
+    assert not dlink.transport.disconnecting
+    assert "update command 8 (call_id c1) failed" in caplog.text
+
+
 def test_the_relay_pings_every_keepalive_interval(dlink):
     assert dlink.transport.value() == b""
     dlink.clock.advance(KEEPALIVE)

@@ -307,3 +307,7 @@ def test_a_reinvite_without_sdp_gets_the_offer_in_the_reply_and_the_answer_in_th
     assert audio.leg(CALLEE).sdp_address == ("10.0.0.9", 6100)
     assert session.update(invite(2, AUDIO_A), allocator, 200.2) == [audio.leg(CALLEE).port]
     assert session.streams == [audio] and len(allocator.opened) == 1 and allocator.closed == []
+
+
+def test_a_session_has_no_instance_dict():
+    assert not hasattr(Session(CALL_ID, ALICE, 0.0), "__dict__")      # one per call (issue 8)

@@ -135,10 +135,11 @@ def test_the_summary(relay):
     summary = json.loads(relay.handle("summary", {}, 1234.9))
     assert summary == {"ip": RELAY_IP, "version": "9.8.7", "status": "active", "uptime": 334,
                        "session_count": 2, "stream_count": {"audio": 2, "video": 1}, "bps_relayed": 0,
-                       **FORWARDING}
-    assert set(summary) == SUMMARY_KEYS | set(FORWARDING)
+                       "port_pairs": {"used": 6, "free": 44, "set_aside": 0}, **FORWARDING}
+    assert set(summary) == SUMMARY_KEYS | {"port_pairs"} | set(FORWARDING)
 
 
 def test_the_summary_of_an_idle_relay(relay):
     assert relay.summary(900.0) == {"ip": RELAY_IP, "version": "9.8.7", "status": "active", "uptime": 0,
-                                    "session_count": 0, "stream_count": {}, "bps_relayed": 0, **FORWARDING}
+                                    "session_count": 0, "stream_count": {}, "bps_relayed": 0,
+                                    "port_pairs": {"used": 0, "free": 50, "set_aside": 0}, **FORWARDING}

@@ -1,6 +1,7 @@
 """TLS credentials (load errors, CRL), passports, and the periodic re-check of
 a peer's certificate by the protocols of both daemons."""
 
+import logging
 import os
 
 import pytest
@@ -8,9 +9,10 @@ from OpenSSL import SSL
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mediaproxy.peer import VerifiedPeerProtocol
-from mediaproxy.tls import ContextFactory, Credentials, TLSError, passport_mismatch, subject_attributes
-from tests.support.certs import ago, make_ca, make_certs_dir
+from mediaproxy.peer import HANDSHAKE_TIMEOUT, VerifiedPeerProtocol
+from mediaproxy.tls import (ContextFactory, Credentials, TLSError, handshake_failure_text, passport_mismatch,
+                            subject_attributes)
+from tests.support.certs import ago, from_now, make_ca, make_certs_dir
 
 
 @pytest.fixture
@@ -165,9 +167,13 @@ class TLSTransport(StringTransport):
         super().__init__()
         self.certificate = certificate
         self.aborted = False
+        self.handle = None
 
     def getPeerCertificate(self):
         return self.certificate
+
+    def getHandle(self):
+        return self.handle
 
     def abortConnection(self):
         self.aborted = True
@@ -218,4 +224,134 @@ def test_the_checks_stop_when_the_connection_is_lost(certs):
     from twisted.internet.error import ConnectionDone
     peer = connect(Credentials(str(certs.path), "dispatcher"), x509(certs.relay), verify_interval=60)
     peer.connectionLost(Failure(ConnectionDone()))
+    assert peer.clock.getDelayedCalls() == []
+
+
+# Why a handshake failed (tls.py), and the handshake timeout (peer.py)
+
+def handshake(credentials, client=None):
+    """A TLS handshake in memory between credentials' server side and a client
+    presenting `client` (an Issued written to files, or None); returns the
+    server's connection."""
+    server_connection = SSL.Connection(credentials.context(), None)
+    server_connection.set_accept_state()
+    context = SSL.Context(SSL.TLS_METHOD)
+    if client is not None:
+        context.use_certificate_file(str(client.cert_path))
+        context.use_privatekey_file(str(client.key_path))
+    client_connection = SSL.Connection(context, None)
+    client_connection.set_connect_state()
+    for _ in range(5):
+        for side, other in ((client_connection, server_connection), (server_connection, client_connection)):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+            except SSL.Error:
+                return server_connection
+            try:
+                other.bio_write(side.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    return server_connection
+
+
+@pytest.mark.parametrize("issue, failure", [
+    (dict(not_before=ago(days=10), not_after=ago(days=1)), "certificate expired (O=AG Projects, CN=intruder)"),
+    (dict(not_before=from_now(days=1), not_after=from_now(days=9)),
+     "certificate not yet valid (O=AG Projects, CN=intruder)"),
+    ("revoked", "certificate revoked (O=AG Projects, CN=intruder)"),
+    ("other CA", "certificate not signed by our CA (O=Elsewhere, CN=intruder)"),
+])
+def test_why_a_peer_certificate_was_rejected_at_the_handshake_is_remembered(certs, tmp_path, issue, failure):
+    credentials = Credentials(str(certs.path), "dispatcher")
+    clients = tmp_path / "clients"
+    if issue == "other CA":
+        client = make_ca("Other CA", "Elsewhere", directory=tmp_path / "other").issue("c", "intruder",
+                                                                                     directory=clients)
+    elif issue == "revoked":
+        client = certs.ca.issue("c", "intruder", directory=clients)
+        certs.revoke(client)
+    else:
+        client = certs.ca.issue("c", "intruder", directory=clients, **issue)
+    assert credentials.verify_failure(handshake(credentials, client)) == failure
+
+
+def test_an_expired_crl_is_named_as_the_reason(certs):
+    certs.ca.write_crl(certs.path, last_update=ago(days=10), next_update=ago(days=1))
+    credentials = Credentials(str(certs.path), "dispatcher")
+    assert credentials.verify_failure(handshake(credentials, certs.relay)) \
+        == "crl.pem expired (O=AG Projects, CN=relay1.example.com)"
+
+
+def test_a_good_peer_certificate_leaves_no_failure(certs):
+    credentials = Credentials(str(certs.path), "dispatcher")
+    assert credentials.verify_failure(handshake(credentials, certs.relay)) == ""
+    assert credentials.verify_failure(None) == ""
+
+
+def test_what_a_failed_handshake_says():
+    from twisted.internet.error import ConnectionDone, ConnectionLost
+    from twisted.python.failure import Failure
+    assert handshake_failure_text(Failure(SSL.Error([("SSL routines", "", "wrong version number")]))) \
+        == "wrong version number"
+    for error in (ConnectionDone(), ConnectionLost()):
+        assert handshake_failure_text(Failure(error)) == "connection closed before the handshake ended"
+
+
+class Factory:
+    handshake_timeout = 3
+
+
+def connected(credentials, factory=None):
+    """A peer whose TCP connection is made and whose handshake has not finished."""
+    peer = Peer()
+    peer.credentials, peer.clock, peer.factory = credentials, Clock(), factory
+    peer.makeConnection(TLSTransport(None))
+    return peer
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_peer_that_never_finishes_the_handshake_is_dropped_after_the_timeout_with_one_line(certs, caplog):
+    from twisted.internet.error import ConnectionAborted
+    from twisted.python.failure import Failure
+    peer = connected(Credentials(str(certs.path), "dispatcher"), Factory())
+    peer.clock.advance(2.9)
+    assert not peer.transport.aborted
+    peer.clock.advance(0.1)
+    assert peer.transport.aborted
+    peer.connectionLost(Failure(ConnectionAborted()))
+    assert warnings_of(caplog) == ["TLS handshake with relay 192.168.1.1 not done within 3 s: dropped"]
+    assert peer.clock.getDelayedCalls() == []
+
+
+def test_without_a_configured_timeout_the_default_applies(certs):
+    peer = connected(Credentials(str(certs.path), "dispatcher"))
+    peer.clock.advance(HANDSHAKE_TIMEOUT - 0.1)
+    assert not peer.transport.aborted
+    peer.clock.advance(0.1)
+    assert peer.transport.aborted
+
+
+def test_a_finished_handshake_stops_the_handshake_timeout(certs):
+    peer = connected(Credentials(str(certs.path), "dispatcher"), Factory())
+    peer.transport.certificate = x509(certs.relay)
+    peer.handshakeCompleted()
+    peer.clock.advance(60)
+    assert peer.verified and not peer.transport.aborted
+
+
+def test_a_failed_handshake_is_one_line_naming_the_certificates_fault(certs, tmp_path, caplog):
+    from twisted.python.failure import Failure
+    credentials = Credentials(str(certs.path), "dispatcher")
+    expired = certs.ca.issue("c", "intruder", directory=tmp_path / "clients", not_before=ago(days=10),
+                             not_after=ago(days=1))
+    peer = connected(credentials)
+    peer.transport.handle = handshake(credentials, expired)
+    peer.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    assert warnings_of(caplog) == [
+        "TLS handshake with relay 192.168.1.1 failed: certificate expired (O=AG Projects, CN=intruder)"]
     assert peer.clock.getDelayedCalls() == []

@@ -17,7 +17,6 @@ import errno
 import logging
 import os
 import socket
-from dataclasses import dataclass
 
 from mediaproxy.relay.kernel import ctnetlink, ipset
 from mediaproxy.relay.kernel.ctnetlink import Tuple5
@@ -38,20 +37,63 @@ def udp_stream_timeout() -> int:
         return 120
 
 
-@dataclass(eq=False, slots=True)
 class KernelEntry:
-    stream: object
-    component: int
-    orig: Tuple5              # caller -> relay:A (+component)
-    callee: tuple             # where the kernel sends the caller's packets
-    relay_b: tuple            # from where
+    """One latched sub-stream the kernel relays: its NAT entry's original tuple is
+    caller -> relay:A (+component), sent on to the callee from relay:B (+component).
+
+    Tens of thousands are held at once: the tuples are made when asked for, from the
+    two latched addresses (shared with the legs) and the legs' ports."""
+
+    __slots__ = ("stream", "component", "caller", "callee", "relay_ip",
+                 "caller_packets", "caller_bytes", "callee_packets", "callee_bytes")
+
+    def __init__(self, stream, component: int, caller: tuple, callee: tuple, relay_ip: str):
+        self.stream = stream
+        self.component = component
+        self.caller = caller          # where the caller's packets come from (its latched address)
+        self.callee = callee          # where the kernel sends them
+        self.relay_ip = relay_ip
+        # what the kernel counted so far (UDP payload), already added to the legs' counts
+        self.caller_packets = self.caller_bytes = self.callee_packets = self.callee_bytes = 0
+
+    @property
+    def orig(self) -> Tuple5:
+        """caller -> relay:A (+component)"""
+        return Tuple5(self.caller[0], self.relay_ip, self.caller[1], self.stream.caller.port + self.component)
+
+    @property
+    def relay_b(self) -> tuple:
+        """where the kernel sends the caller's packets from"""
+        return self.relay_ip, self.stream.callee.port + self.component
+
+    @property
+    def ports(self) -> tuple:
+        """The relay ports whose packets the entry relays: relay:A and relay:B (+component)."""
+        stream = self.stream
+        if self.component == RTP:
+            return stream.caller.port, stream.callee.port
+        return stream.caller.port + 1, stream.callee.port + 1
+
+    def is_orig(self, flow: Tuple5) -> bool:
+        """Whether a flow the kernel reported is this entry's original tuple."""
+        caller = self.caller
+        return (flow.sport == caller[1] and flow.dport == self.stream.caller.port + self.component
+                and flow.src == caller[0] and flow.dst == self.relay_ip)
+
+    def __repr__(self):
+        return "KernelEntry(%s, %s)" % (self.stream.call_id, self.orig)
 
 
 def entry_for(stream, component: int, relay_ip: str) -> KernelEntry:
     caller, callee = stream.leg(CALLER), stream.leg(CALLEE)
-    caller_ip, caller_port = caller.latched[component]
-    orig = Tuple5(caller_ip, relay_ip, caller_port, caller.port + component)
-    return KernelEntry(stream, component, orig, callee.latched[component], (relay_ip, callee.port + component))
+    if component == RTP:
+        return KernelEntry(stream, component, caller.latched_rtp, callee.latched_rtp, relay_ip)
+    return KernelEntry(stream, component, caller.latched_rtcp, callee.latched_rtcp, relay_ip)
+
+
+def _grown(now: int, before: int) -> int:
+    """How much a kernel counter grew since it was read (from 0 if it was zeroed meanwhile)."""
+    return now - before if now >= before else now
 
 
 class ConntrackTable:
@@ -63,13 +105,29 @@ class ConntrackTable:
         self.inhibitor_set = inhibitor_set
         self.relay_ip = relay_ip
         self.mark = mark
-        self.by_orig = {}             # orig Tuple5 -> KernelEntry
-        self.by_port = {}             # relay port (even, either leg) -> its stream's KernelEntry list, one
-                                      # list shared by both legs' ports
-        self.kernel_ports = set()     # relay ports (RTP or RTCP, both legs) whose packets the kernel relays
+        # Relay port (RTP or RTCP, either leg) -> the KernelEntry that relays its packets: each
+        # entry under its two ports. Its keys are the ports the kernel relays (kernel_ports).
+        self.by_port = {}
+
+    @property
+    def kernel_ports(self):
+        """The relay ports whose packets the kernel relays (`in` is all it answers fast)."""
+        return self.by_port
 
     def __len__(self):
-        return len(self.by_orig)
+        return len(self.by_port) // 2
+
+    def entries(self) -> set:
+        return set(self.by_port.values())
+
+    def find(self, orig: Tuple5):
+        """Our entry whose original tuple the kernel reported, or None."""
+        entry = self.by_port.get(orig.dport)
+        return entry if entry is not None and entry.is_orig(orig) else None
+
+    def relays(self, stream, component: int) -> bool:
+        """Whether the kernel relays this sub-stream."""
+        return stream.caller.port + component in self.by_port
 
     def remove_leftovers(self, port_range) -> int:
         """Delete what an earlier run left: entries with our mark, and the user-space
@@ -89,9 +147,7 @@ class ConntrackTable:
                 seq = self.netlink.next_seq()
                 requests.append((seq, ctnetlink.encode_delete(seq, entry.orig)))
         self.netlink.transact(requests)
-        self.by_orig.clear()
         self.by_port.clear()
-        self.kernel_ports.clear()
         return len(requests)
 
     def install(self, entries) -> list:
@@ -136,23 +192,16 @@ class ConntrackTable:
                 log.warning("session %s: the kernel refused the %s entry %s: %s", entry.stream.call_id,
                             "RTP" if entry.component == RTP else "RTCP", entry.orig, os.strerror(error))
                 continue
-            self.by_orig[entry.orig] = entry
             if entry.component == RTP:
                 entry.stream.in_kernel = True
-            shared = self.by_port.get(entry.stream.leg(CALLER).port)
-            if shared is None:
-                shared = []
-                for leg in entry.stream.legs.values():
-                    self.by_port[leg.port] = shared
-            shared.append(entry)
-            for leg in entry.stream.legs.values():
-                self.kernel_ports.add(leg.port + entry.component)
+            for port in entry.ports:
+                self.by_port[port] = entry
             installed.append(entry)
         return installed
 
     def remove_port(self, port: int) -> list:
-        """Remove the entries of the streams on this port, counting their last packets first."""
-        entries = list(self.by_port.get(port, ()))
+        """Remove the entries of the stream on this port pair, counting their last packets first."""
+        entries = [entry for entry in (self.by_port.get(port), self.by_port.get(port + 1)) if entry is not None]
         if not entries:
             return []
         requests, gets = [], {}
@@ -168,20 +217,14 @@ class ConntrackTable:
         for seq, entry in gets.items():
             if seq in found:
                 self.count(entry, found[seq])
-            self.fold(entry)
-        return list(entries)
+        return entries
 
     def _forget(self, entry: KernelEntry) -> None:
-        self.by_orig.pop(entry.orig, None)
         if entry.component == RTP:
             entry.stream.in_kernel = False
-        shared = self.by_port.get(entry.stream.leg(CALLER).port)
-        if shared is not None and entry in shared:
-            shared.remove(entry)
-        for leg in entry.stream.legs.values():
-            self.kernel_ports.discard(leg.port + entry.component)
-            if not shared:
-                self.by_port.pop(leg.port, None)
+        for port in entry.ports:
+            if self.by_port.get(port) is entry:
+                del self.by_port[port]
 
     def ended(self, entry: KernelEntry, kernel_entry=None) -> None:
         """The kernel destroyed the entry by itself; kernel_entry carries its last counters.
@@ -192,32 +235,28 @@ class ConntrackTable:
         self._forget(entry)
         if kernel_entry is not None:
             self.count(entry, kernel_entry)
-        self.fold(entry)
-        for leg in entry.stream.legs.values():
+        for leg in entry.stream.legs:
             leg.media_seen[entry.component] = False
 
     @staticmethod
-    def fold(entry: KernelEntry) -> None:
-        """An entry is gone: what it counted becomes part of the legs' settled counts."""
-        c = entry.component
-        for leg in entry.stream.legs.values():
-            leg.packets[c] += leg.kernel_packets[c]
-            leg.bytes[c] += leg.kernel_bytes[c]
-            leg.kernel_packets[c] = leg.kernel_bytes[c] = 0
-
-    @staticmethod
     def count(entry: KernelEntry, kernel_entry) -> None:
-        """The kernel's counters of an entry, into the stream's legs.
+        """The kernel's counters of an entry, into the stream's legs: what they grew by since
+        they were last read (an entry counts from its creation; the legs count everything).
 
         The kernel counts IP packets; like user space we count UDP payload,
         so the IPv4 and UDP headers (28 bytes a packet) come off.
         """
-        caller, callee = entry.stream.leg(CALLER), entry.stream.leg(CALLEE)
-        c = entry.component
-        caller.kernel_packets[c] = kernel_entry.orig_packets
-        caller.kernel_bytes[c] = kernel_entry.orig_bytes - IPV4_UDP_HEADERS * kernel_entry.orig_packets
-        callee.kernel_packets[c] = kernel_entry.reply_packets
-        callee.kernel_bytes[c] = kernel_entry.reply_bytes - IPV4_UDP_HEADERS * kernel_entry.reply_packets
+        caller, callee = entry.stream.caller, entry.stream.callee
+        packets = kernel_entry.orig_packets
+        octets = kernel_entry.orig_bytes - IPV4_UDP_HEADERS * packets
+        caller.packet_count += _grown(packets, entry.caller_packets)
+        caller.byte_count += _grown(octets, entry.caller_bytes)
+        entry.caller_packets, entry.caller_bytes = packets, octets
+        packets = kernel_entry.reply_packets
+        octets = kernel_entry.reply_bytes - IPV4_UDP_HEADERS * packets
+        callee.packet_count += _grown(packets, entry.callee_packets)
+        callee.byte_count += _grown(octets, entry.callee_bytes)
+        entry.callee_packets, entry.callee_bytes = packets, octets
 
     def confirm_gone(self, entries) -> list:
         """Of entries a dump did not list, the ones the kernel really no longer has (a dump
@@ -241,8 +280,8 @@ class ConntrackTable:
         """Read every entry of ours; returns the ones the kernel no longer has."""
         seen = set()
         for kernel_entry in self.netlink.dump(self.mark):
-            entry = self.by_orig.get(kernel_entry.orig)
+            entry = self.find(kernel_entry.orig)
             if entry is not None:
                 self.count(entry, kernel_entry)
-                seen.add(kernel_entry.orig)
-        return {entry for orig, entry in self.by_orig.items() if orig not in seen}
+                seen.add(entry)
+        return self.entries() - seen

@@ -130,19 +130,17 @@ class KernelForwarding(UserspaceForwarding):
         pending, self._pending = list(self._pending.values()), {}
         entries = []
         for stream, component in pending:
-            if stream.ended or not stream.is_latched(component):
+            if stream.ended or not stream.is_latched(component) or self.table.relays(stream, component):
                 continue
-            entry = entry_for(stream, component, self.ip)
-            if entry.orig not in self.table.by_orig:
-                entries.append(entry)
+            entries.append(entry_for(stream, component, self.ip))
         try:
             installed = self.table.install(entries)
         except (NetlinkError, IptablesError, OSError) as e:
             log.error("could not hand %d sub-streams to the kernel, they stay in user space: %s", len(entries), e)
             return
         for entry in installed:
-            for leg in entry.stream.legs.values():
-                self.parking.park(leg.port + entry.component)
+            for port in entry.ports:
+                self.parking.park(port)
             log.debug("session %s: %s %s relayed by the kernel", entry.stream.call_id, entry.stream.media_type,
                       "RTP" if entry.component == RTP else "RTCP")
 
@@ -158,18 +156,15 @@ class KernelForwarding(UserspaceForwarding):
 
     def _relayed_sources(self, port: int) -> tuple:
         """The parties whose packets to this relay port the kernel relays."""
-        sources = []
-        for entry in self.table.by_port.get(port & ~1, ()):
-            if entry.component == port & 1:
-                sources += (entry.orig.src, entry.orig.sport), entry.callee
-        return tuple(sources)
+        entry = self.table.by_port.get(port)
+        return () if entry is None else (entry.caller, entry.callee)
 
     def _wake(self, entries) -> None:
         """The kernel no longer relays these sub-streams: their ports listen again."""
         for entry in entries:
             if not entry.stream.ended:
-                for leg in entry.stream.legs.values():
-                    self.parking.wake(leg.port + entry.component)
+                for port in entry.ports:
+                    self.parking.wake(port)
 
     def refresh_counters(self) -> None:
         try:
@@ -197,7 +192,7 @@ class KernelForwarding(UserspaceForwarding):
         for kernel_entry in kernel_entries:
             if kernel_entry.mark != self.table.mark:
                 continue
-            entry = self.table.by_orig.get(kernel_entry.orig)
+            entry = self.table.find(kernel_entry.orig)
             if entry is not None:
                 self.table.ended(entry, kernel_entry)
                 ended.append(entry)

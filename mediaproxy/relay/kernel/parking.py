@@ -108,13 +108,18 @@ class _Catcher:
 class PortParking:
     """Parks and wakes the sockets of a UserspaceForwarding (its ``sockets``,
     ``receivers`` and ``listen``). ``expected_source(port)``: the addresses whose
-    packets to a parked port the kernel relays (they wake nothing)."""
+    packets to a parked port the kernel relays (they wake nothing).
+
+    A port is parked when its pair is open (has a receiver) but the port has no
+    socket: no set of parked ports is kept (four ports a call), only their count.
+    The forwarding tells `forget` of a pair it closes before it drops the pair.
+    """
 
     def __init__(self, forwarding, reactor, port_range=None, expected_source=lambda port: ()):
         self.forwarding = forwarding
         self.reactor = reactor
         self.expected_source = expected_source
-        self.parked = set()
+        self._parked_count = 0
         self._catcher = None
         if port_range is not None:
             try:
@@ -126,7 +131,11 @@ class PortParking:
                 reactor.addReader(self._catcher)
 
     def __len__(self):
-        return len(self.parked)
+        return self._parked_count
+
+    def is_parked(self, port: int) -> bool:
+        forwarding = self.forwarding
+        return port not in forwarding.sockets and (port & ~1) in forwarding.receivers
 
     def stop(self) -> None:
         if self._catcher is not None:
@@ -139,29 +148,30 @@ class PortParking:
         if listening is not None:
             listening.drain()           # what arrived before the hand-over still counts
             listening.stopListening()
-            self.parked.add(port)
+            if self.is_parked(port):
+                self._parked_count += 1
 
     def wake(self, port: int) -> None:
-        if port not in self.parked:
+        if not self.is_parked(port):
             return
-        self.parked.discard(port)
         forwarding = self.forwarding
-        receiver = forwarding.receivers.get(port & ~1)
-        if receiver is None:
-            return
         try:
-            forwarding.sockets[port] = forwarding.listen(port, receiver)
+            forwarding.sockets[port] = forwarding.listen(port, forwarding.receivers[port & ~1])
         except CannotListenError as e:
-            log.error("port %d cannot be listened on again, its stream is lost: %s", port, e.socketError)
+            # it stays parked (deaf): a stranger's packet to it tries again
+            log.error("port %d cannot be listened on again, its stream is deaf: %s", port, e.socketError)
+            return
+        self._parked_count -= 1
 
     def forget(self, pair: int) -> None:
-        """The pair is closed: nothing of it is to be woken."""
-        self.parked.discard(pair)
-        self.parked.discard(pair + 1)
+        """The pair is closing: nothing of it is to be woken."""
+        for port in (pair, pair + 1):
+            if self.is_parked(port):
+                self._parked_count -= 1
 
     def _packet_to(self, port: int, source) -> None:
         # The raw socket also sees copies of packets that arrived just before their port was
         # parked, from the parties the kernel now relays: only a stranger's packet wakes a port.
-        if port in self.parked and source not in self.expected_source(port):
+        if self.is_parked(port) and source not in self.expected_source(port):
             log.debug("a packet from %s:%d to parked port %d: listening on it again", *source, port)
             self.wake(port)
