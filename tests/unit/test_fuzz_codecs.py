@@ -4,7 +4,7 @@ their limits, and without leaking ports.
 """
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mediaproxy.protocol.framing import FramingError, Line, LineSplitter, Request, RequestReader
