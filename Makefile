@@ -1,10 +1,12 @@
-# MediaProxy: make deps | test | run | bench | clean | distclean
+# MediaProxy: make deps | test | run | bench | soak | deb | clean | distclean
 #
 #   make deps                 system packages (apt) and the virtualenv .venv
 #   make test                 the test suite; PYTEST_ARGS="-k relay -x" for more
 #                             pytest options, TESTS=tests/unit for a subset
 #   make run                  dispatcher and relay on this host (scripts/run-local)
 #   make bench                benchmarks (root, ~8 min): bench/RESULTS.md, bench/results.json
+#   make soak                 30 min of churn at 1,000 calls (root): its section of
+#                             bench/RESULTS.md (SOAK_ARGS="--minutes 5" for less)
 #   make deb                  Debian packages and their lintian report in build/deb/
 #                             (DEB_OUT=dir for another place)
 #
@@ -30,10 +32,10 @@ export DEBIAN_FRONTEND := noninteractive
 export PIP_NO_INPUT := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help deps deps-apt test run bench deb clean distclean
+.PHONY: help deps deps-apt test run bench soak deb clean distclean
 
 help:
-	@sed -n '1,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,14s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 deps: deps-apt $(DEPS_STAMP)
 
@@ -101,3 +103,8 @@ distclean: clean
 BENCH_ARGS ?=
 bench: deps
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+
+# The soak (bench/soak.py): leaks of memory, descriptors, ports, kernel entries
+# or accounting records under 30 minutes of churn; outside `make bench`.
+soak: deps
+	$(VENV)/bin/python -m bench.soak $(SOAK_ARGS)

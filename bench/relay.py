@@ -124,15 +124,18 @@ class Daemons:
     def socket_path(self) -> Path:
         return self.runtime / "dispatcher" / "dispatcher.sock"
 
-    def start(self, relay_options: dict[str, object] | None = None, timeout: float = 30.0) -> None:
+    def start(self, relay_options: dict[str, object] | None = None, timeout: float = 30.0,
+              dispatcher_sections: dict[str, dict] | None = None) -> None:
+        """``dispatcher_sections``: more of the dispatcher's config.ini, by section (e.g. accounting)."""
         certs = self.workdir / "tls"
         subprocess.run([str(MAKE_CERTS), "--force", "--dispatcher-san", f"IP:{self.ip}", str(certs)],
                        check=True, capture_output=True, timeout=60)
         write_config(self.workdir / "dispatcher", {
             "Dispatcher": {"socket_path": "dispatcher.sock", "listen": f"{self.ip}:{DISPATCHER_PORT}",
                            "listen_management": f"{self.ip}:{MANAGEMENT_PORT}", "management_use_tls": "no",
-                           "log_level": "info"},
-            "TLS": {"certs_path": certs}})
+                           "log_level": "info", **(dispatcher_sections or {}).get("Dispatcher", {})},
+            "TLS": {"certs_path": certs},
+            **{name: values for name, values in (dispatcher_sections or {}).items() if name != "Dispatcher"}})
         relay = {"dispatchers": f"{self.ip}:{DISPATCHER_PORT}", "relay_ip": self.ip,
                  "port_range": f"{self.port_range[0]}:{self.port_range[1]}", "kernel_forwarding": "yes",
                  "reconnect_delay": 1, "log_level": "info"}

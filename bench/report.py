@@ -155,7 +155,52 @@ def _without_cycles(value):
     return value
 
 
+def _section_marks(name: str) -> tuple[str, str]:
+    return f"<!-- {name}: from bench/{name}.py -->\n", f"<!-- /{name} -->\n"
+
+
+def _kept_sections(output: Path) -> tuple[str, dict]:
+    """What other commands put in RESULTS.md and results.json (`make soak`), to keep on rewriting them."""
+    text = ""
+    try:
+        old = (output / "RESULTS.md").read_text()
+        begin, end = _section_marks("soak")
+        if begin in old and end in old:
+            text = old[old.index(begin):old.index(end) + len(end)]
+    except OSError:
+        pass
+    try:
+        kept = {key: value for key, value in json.loads((output / "results.json").read_text()).items()
+                if key.startswith("soak")}
+    except (OSError, ValueError):
+        kept = {}
+    return text, kept
+
+
+def replace_section(output: Path, name: str, markdown_text: str, figures: dict, details: dict) -> None:
+    """Put a separate command's figures in RESULTS.md (between its marks) and results.json, keeping the rest."""
+    begin, end = _section_marks(name)
+    try:
+        text = (output / "RESULTS.md").read_text()
+    except OSError:
+        text = "# Benchmark results\n"
+    block = begin + markdown_text + end
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    (output / "RESULTS.md").write_text(text)
+    try:
+        data = json.loads((output / "results.json").read_text())
+    except (OSError, ValueError):
+        data = {}
+    data.update(figures)
+    data[f"{name}_details"] = details
+    (output / "results.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
 def write(output: Path, results, opts, elapsed: float) -> None:
+    kept_text, kept_numbers = _kept_sections(output)
     numbers, details = results.numbers, results.details
     info = machine()
     data = dict(numbers)
@@ -166,8 +211,12 @@ def write(output: Path, results, opts, elapsed: float) -> None:
     data["available"] = results.available
     data["notes"] = results.notes
     data["details"] = _without_cycles(details)     # the per-round rates stay out: they are many
+    data.update(kept_numbers)
     (output / "results.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    (output / "RESULTS.md").write_text(markdown(results, opts, info, elapsed))
+    text = markdown(results, opts, info, elapsed)
+    if kept_text:
+        text = text.rstrip("\n") + "\n\n" + kept_text
+    (output / "RESULTS.md").write_text(text)
 
 
 def markdown(results, opts, info: dict, elapsed: float) -> str:

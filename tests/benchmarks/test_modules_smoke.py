@@ -40,3 +40,23 @@ def test_benchmark_module_smoke(name, seconds, positive):
                                   for row in answer["rows"])
     assert isinstance(answer["notes"], list)
     json.dumps(answer["details"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, conntrack, AF_PACKET)")
+def test_soak_smoke(tmp_path):
+    """`make soak` in half a minute: every figure given, no leak, no error line, every ended call
+    accounted; its section written into RESULTS.md and results.json next to what is there."""
+    (tmp_path / "RESULTS.md").write_text("# Benchmark results\n\nfrom make bench\n")
+    (tmp_path / "results.json").write_text('{"control_rate_1": 1.0}\n')
+    result = subprocess.run([sys.executable, "-m", "bench.soak", "--smoke", "--output", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    from bench.soak import KEYS
+    assert all(isinstance(figures[key], (int, float)) for key in KEYS), figures
+    assert figures["soak_calls_ended"] > figures["soak_calls"]          # calls were churned
+    assert figures["soak_leaked"] == figures["soak_error_lines"] == figures["soak_accounting_missing"] == 0
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "from make bench" in results and "## Soak" in results
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["control_rate_1"] == 1.0 and data["soak_leaked"] == 0
