@@ -386,8 +386,10 @@ class Cluster:
 
     # -- relays --
 
-    def start_relay(self, ip: str, certs_path: Path | None = None, wait: bool = True, **options) -> Process:
-        start, end = media_port_range()
+    def start_relay(self, ip: str, certs_path: Path | None = None, wait: bool = True, wrapper: Iterable[str] = (),
+                    pairs: int = 64, **options) -> Process:
+        """``wrapper``: a command the relay runs under (e.g. prlimit); ``pairs``: port pairs in its range."""
+        start, end = media_port_range(pairs)
         # On loopback in this host's own namespace: user space only (tests/kernel covers the kernel path).
         config = {"dispatchers": f"127.0.0.1:{self.listen_port}", "relay_ip": ip,
                   "port_range": f"{start}:{end}", "reconnect_delay": 1, "kernel_forwarding": "no"}
@@ -395,7 +397,7 @@ class Cluster:
         config_dir = self.workdir / f"relay-{ip}"
         write_config(config_dir, {"Relay": config, "TLS": {"certs_path": certs_path or self.certs.path}})
         process = self.manager.start(f"relay-{ip}", [
-            PYTHON, RELAY_SCRIPT, "--config-dir", config_dir, "--runtime-dir",
+            *wrapper, PYTHON, RELAY_SCRIPT, "--config-dir", config_dir, "--runtime-dir",
             self.runtime_root / f"relay-{ip}", "--no-fork"], contain=False)
         self.relays[ip] = process
         if wait:

@@ -374,3 +374,21 @@ def test_sessions_with_match_lists_only_the_sessions_whose_ids_or_uris_hold_the_
     assert [session["call_id"] for session in listed] == ["call-2"]
     assert [s["call_id"] for s in json.loads(relay.handle("sessions", {"match": "call-"}, 3.0))] == ["call-1", "call-2"]
     assert json.loads(relay.handle("sessions", {"match": "nobody"}, 3.0)) == []
+
+
+def test_100000_half_open_sessions_fill_the_range_the_rest_get_error_and_all_age_out(caplog):
+    """Memory pressure from offers no answer ever follows: the relay holds what its port range
+    holds and nothing of the refused ones; the half-open ones age out and every port comes back."""
+    import logging
+
+    caplog.set_level(logging.CRITICAL)          # 99,000 "no ports" lines are the daemon's, not the test's
+    forwarding = MemoryForwarding()
+    relay = RelayCore(RELAY_IP, PortPool(40000, 44000), forwarding, now=0.0, stream_timeout=90)   # 1,000 sessions
+    refused = sum(relay.update(headers("half-open-%d" % n), 1.0) == "error" for n in range(100_000))
+    assert refused == 99_000 and len(relay.sessions) == 1000
+    assert relay.ports.free_count == 0 and len(forwarding.receivers) == 2000      # nothing else is kept
+    assert relay.check_timeouts(1.0 + 89) == []
+    assert len(relay.check_timeouts(1.0 + 90)) == 1000
+    assert relay.sessions == {} and forwarding.receivers == {}
+    assert relay.ports.free_count == 2000 and relay.ports.set_aside_ports == set()
+    assert ports_of(relay.update(headers("after"), 200.0))
