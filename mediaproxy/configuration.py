@@ -22,6 +22,7 @@ PASSPORT_ATTRIBUTES = {"O": "O", "OU": "OU", "CN": "CN", "C": "C", "L": "L", "ST
                        "EMAIL": "emailAddress", "EMAILADDRESS": "emailAddress"}
 ACCOUNTING_BACKENDS = frozenset(["database", "radius"])
 MANAGEMENT_PORT = 25061
+METRICS_PORT = 9580
 
 
 class ConfigError(Exception):
@@ -67,6 +68,17 @@ def parse_listen_address(default_port: int):
             raise ValueError("missing port")
         host = str(ipaddress.ip_address(host)) if host else "0.0.0.0"
         return host, port
+    return parse
+
+
+def parse_optional_listen_address(default_port: int):
+    """parse_listen_address, or None (the port is off) for `none` or an empty value."""
+    parse_address = parse_listen_address(default_port)
+
+    def parse(text: str):
+        if text.strip().lower() in ("", "none"):
+            return None
+        return parse_address(text)
     return parse
 
 
@@ -180,6 +192,7 @@ class DispatcherConfig:
     management_idle_timeout: float = option(parse_positive_number, 300)
     passport: Optional[dict] = option(parse_passport, None)
     management_passport: Optional[dict] = option(parse_passport, None)
+    listen_metrics: Optional[tuple] = option(parse_optional_listen_address(METRICS_PORT), ("127.0.0.1", METRICS_PORT))
     relay_timeout: float = option(parse_positive_number, 5)
     relay_recover_interval: float = option(parse_positive_number, 60)
     cleanup_dead_relays_after: float = option(parse_positive_number, 43200)
@@ -198,6 +211,11 @@ class DispatcherConfig:
         """Plain-TCP management on an address other hosts may reach."""
         return not self.management_use_tls and not ipaddress.ip_address(self.listen_management[0]).is_loopback
 
+    @property
+    def metrics_exposed(self) -> bool:
+        """The HTTP port (metrics, status page: every call) on an address other hosts may reach."""
+        return self.listen_metrics is not None and not ipaddress.ip_address(self.listen_metrics[0]).is_loopback
+
 
 @dataclass(frozen=True)
 class RelayConfig:
@@ -214,8 +232,11 @@ class RelayConfig:
     passport: Optional[dict] = option(parse_passport, None)
     verify_dispatcher_names: bool = option(parse_boolean, False)
     routable_private_ranges: tuple = option(parse_network_list, ())
+    strict_source: bool = option(parse_boolean, True)
+    relatch_after: float = option(parse_positive_number, 2)
     kernel_forwarding: str = option(parse_choice("auto", "yes", "no"), "auto")
     conntrack_mark: int = option(parse_mark, 0x4D50)
+    keep_calls_on_restart: bool = option(parse_boolean, True)
     log_level: int = option(parse_log_level, logging.INFO)
 
 

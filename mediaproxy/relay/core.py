@@ -13,9 +13,9 @@ from mediaproxy import __version__
 from mediaproxy.protocol.proxy import RequestError, parse_remove, parse_update
 from mediaproxy.relay.forwarding import Forwarding, PortUnavailable
 from mediaproxy.relay.ports import PortPool, PortsExhausted
-from mediaproxy.relay.session import Session
+from mediaproxy.relay.session import Session, session_from_state, session_state
 from mediaproxy.relay.statistics import relay_summary, session_statistics
-from mediaproxy.relay.streams import CALLEE, CALLER, MediaStream
+from mediaproxy.relay.streams import CALLEE, CALLER, CLOSED, MediaStream
 
 log = logging.getLogger("mediaproxy.relay")
 
@@ -43,7 +43,7 @@ def _may_time_out(session, recent: float) -> bool:
 class RelayCore:
     def __init__(self, advertised_ip: str, ports: PortPool, forwarding: Forwarding, now: float,
                  routable=lambda ip: True, version: str = __version__, stream_timeout: float = 90,
-                 on_hold_timeout: float = 7200):
+                 on_hold_timeout: float = 7200, relatch_after: float = None):
         self.advertised_ip = advertised_ip
         self.ports = ports
         self.forwarding = forwarding
@@ -52,6 +52,7 @@ class RelayCore:
         self.version = version
         self.stream_timeout = stream_timeout
         self.on_hold_timeout = on_hold_timeout
+        self.relatch_after = relatch_after        # None: strict source (see MediaStream)
         self.started = now
         self.sessions = {}
         self.halting = False
@@ -181,6 +182,58 @@ class RelayCore:
             session.close(self, now)
         self.sessions.clear()
 
+    # Calls carried over a restart (mediaproxy.relay.state).
+
+    def saved_sessions(self) -> list:
+        return [session_state(session) for session in self.sessions.values()]
+
+    def restore(self, states, now: float) -> list:
+        """Sessions saved by the previous run, with the ports of their live streams bound again
+        (kernel entries are the forwarding's to adopt); returns them. A session that cannot be
+        rebuilt is logged and left out; a stream whose ports are taken ends as closed."""
+        sessions = []
+        for data in states:
+            try:
+                session = session_from_state(data, self.routable)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                log.error("session %s could not be restored: %r", data.get("call_id"), e)
+                continue
+            if session.call_id not in self.sessions:
+                sessions.append(session)
+        live = [stream for session in sessions for stream in session.all_streams if not stream.ended]
+        refused = self.ports.claim(leg.port for stream in live for leg in stream.legs)
+        opened = set()
+        for session in sessions:
+            for stream in session.all_streams:
+                if not stream.ended:
+                    stream.listener = self.forwarding
+                    stream.relatch_after = self.relatch_after      # this run's configuration
+                    self._reopen(stream, refused, opened, now)
+            self.sessions[session.call_id] = session
+            log.info("session %s restored (%s)", session.call_id,
+                     ", ".join(stream.media_type for stream in session.active_streams) or "no streams")
+        return sessions
+
+    def _reopen(self, stream: MediaStream, refused: set, opened: set, now: float) -> None:
+        mine = []
+        try:
+            for leg in stream.legs:
+                if leg.port in refused or leg.port in opened:
+                    raise PortUnavailable(leg.port)
+                self.forwarding.open(leg.port, leg)
+                opened.add(leg.port)
+                mine.append(leg.port)
+        except (PortUnavailable, OSError) as e:
+            log.error("session %s: the %s stream cannot have its ports %s again (%s): it is closed",
+                      stream.call_id, stream.media_type, "/".join(str(leg.port) for leg in stream.legs), e)
+            for port in mine:
+                self.forwarding.close(port)
+                opened.discard(port)
+            for leg in stream.legs:
+                if leg.port not in refused and leg.port not in opened:     # claimed for this stream alone
+                    self.ports.release(leg.port)
+            stream.end(CLOSED, now)
+
     # Traffic figures.
 
     def sample_traffic(self, now: float) -> int:
@@ -195,7 +248,7 @@ class RelayCore:
     # StreamAllocator, used by Session.
 
     def open_stream(self, media_type: str, now: float) -> MediaStream:
-        stream = MediaStream(media_type, 0, 0, now, self.routable)
+        stream = MediaStream(media_type, 0, 0, now, self.routable, self.relatch_after)
         stream.listener = self.forwarding
         bound = []
         try:

@@ -42,6 +42,16 @@ class PortPool:
         self._used.add(port)
         return port
 
+    def claim(self, ports) -> set:
+        """Take these very pairs (the calls restored after a restart keep their ports); returns
+        the ones that are not free pairs of the range. One pass over the free queue for all."""
+        wanted = set(ports)
+        free = set(self._free)
+        taken = wanted & free
+        self._free = deque(port for port in self._free if port not in taken)
+        self._used |= taken
+        return wanted - taken
+
     def release(self, port: int) -> None:
         if port in self._used:
             self._used.remove(port)

@@ -9,9 +9,11 @@ from twisted.application import internet, service
 
 from mediaproxy.relay.core import RelayCore
 from mediaproxy.relay.dispatchers import DispatcherLinkFactory, DispatcherPool
+from mediaproxy.relay.kernel.adoption import saved_flows
 from mediaproxy.relay.kernel.forwarding import KernelForwarding
 from mediaproxy.relay.kernel.setup import KernelUnavailable, start_kernel_path
 from mediaproxy.relay.ports import PortPool
+from mediaproxy.relay.state import FILE_NAME as STATE_FILE, RelayState, load_state, save_state
 from mediaproxy.relay.userspace import UserspaceForwarding
 from mediaproxy.tls import ContextFactory, Credentials
 
@@ -56,12 +58,28 @@ class RelayService(service.MultiService):
             raise StartupError("no dispatchers to connect to: set [Relay] dispatchers")
         self.relay_ip = config.relay_ip or default_route_ip()
         advertised_ip = config.advertised_ip or self.relay_ip
-        self.forwarding = self._make_forwarding(config, reactor)
+        # what saved calls must have been saved with to be restored (their ports, entries)
+        self.setup = {"relay_ip": self.relay_ip, "advertised_ip": advertised_ip,
+                      "port_range": list(config.port_range), "conntrack_mark": config.conntrack_mark}
+        self.state_path = configuration.runtime_path(STATE_FILE)
+        # no stream waits longer than this without traffic: an older file holds only ended calls
+        max_age = max(config.stream_timeout, config.on_hold_timeout)
+        saved = load_state(self.state_path, self.setup, reactor.seconds(), max_age)
+        keep = saved_flows(saved.kernel_entries, self.relay_ip) if saved is not None else frozenset()
+        try:
+            self.forwarding = self._make_forwarding(config, reactor, keep)
+        except StartupError:
+            if saved is not None:
+                save_state(self.state_path, saved)      # for a start that gets further
+            raise
         self.core = RelayCore(advertised_ip, PortPool(*config.port_range), self.forwarding, reactor.seconds(),
                               routable_predicate(config.routable_private_ranges),
-                              stream_timeout=config.stream_timeout, on_hold_timeout=config.on_hold_timeout)
+                              stream_timeout=config.stream_timeout, on_hold_timeout=config.on_hold_timeout,
+                              relatch_after=None if config.strict_source else config.relatch_after)
         self.links = set()
         self.undelivered = {}         # dispatcher ip -> statistics of sessions that expired while it was away
+        if saved is not None:
+            self._restore(saved)
         self.credentials = Credentials(configuration.config_path(configuration.tls.certs_path), "relay")
         factory = DispatcherLinkFactory(self, self.credentials, config.passport, configuration.tls.verify_interval,
                                         config.keepalive_interval, reactor, config.verify_dispatcher_names)
@@ -76,12 +94,12 @@ class RelayService(service.MultiService):
         timeouts.clock = reactor
         timeouts.setServiceParent(self)
 
-    def _make_forwarding(self, config, reactor):
+    def _make_forwarding(self, config, reactor, keep):
         if config.kernel_forwarding == "no":
             log.info("kernel forwarding is off (kernel_forwarding = no): media is relayed in user space")
             return UserspaceForwarding(self.relay_ip, reactor)
         try:
-            table, events = start_kernel_path(self.relay_ip, config.conntrack_mark, config.port_range)
+            table, events = start_kernel_path(self.relay_ip, config.conntrack_mark, config.port_range, keep)
         except KernelUnavailable as e:
             if config.kernel_forwarding == "yes":
                 raise StartupError("the kernel path is required (kernel_forwarding = yes) but %s" % e) from None
@@ -168,7 +186,38 @@ class RelayService(service.MultiService):
             self.reactor.stop()
 
     def stopService(self):
-        self.core.close_all(self.reactor.seconds())
+        now = self.reactor.seconds()
+        if not (self.configuration.relay.keep_calls_on_restart and self._save_calls(now)):
+            self.core.close_all(now)
         if isinstance(self.forwarding, KernelForwarding):
             self.forwarding.stop()
         return super().stopService()
+
+    # Calls carried over a restart (keep_calls_on_restart).
+
+    def _save_calls(self, now) -> bool:
+        """Write the sessions for the next start and leave their kernel entries relaying;
+        False when there is nothing to keep or it could not be saved."""
+        if not self.core.sessions and not self.undelivered:
+            return False
+        kernel = isinstance(self.forwarding, KernelForwarding)
+        entries = self.forwarding.saved_entries() if kernel else []     # first: it brings the counters up to date
+        state = RelayState(self.setup, self.core.saved_sessions(), entries, self.undelivered, now)
+        if not save_state(self.state_path, state):
+            return False
+        log.info("stopping with %d sessions kept for the next start in %s (%d sub-streams go on in the kernel)",
+                 len(state.sessions), self.state_path, len(entries))
+        return True
+
+    def _restore(self, saved: RelayState) -> None:
+        now = self.reactor.seconds()
+        self.undelivered = {ip: list(reports) for ip, reports in saved.undelivered.items() if isinstance(reports, list)}
+        sessions = self.core.restore(saved.sessions, now)
+        streams = [stream for session in sessions for stream in session.all_streams if not stream.ended]
+        if isinstance(self.forwarding, KernelForwarding):
+            self.forwarding.adopt(streams, saved.kernel_entries)
+        elif saved.kernel_entries:
+            log.warning("%d kernel entries of the restored calls cannot be adopted: the kernel path is off",
+                        len(saved.kernel_entries))
+        log.info("restored %d sessions saved %.1f s ago (%d streams)", len(sessions), now - saved.saved_at,
+                 len(streams))

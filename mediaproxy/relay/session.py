@@ -21,7 +21,7 @@ from sys import intern
 from typing import Optional, Protocol
 
 from mediaproxy.protocol.proxy import UpdateRequest
-from mediaproxy.relay.streams import CALLEE, CALLER, CLOSED, REJECTED, MediaStream, other_party
+from mediaproxy.relay.streams import CALLEE, CALLER, CLOSED, REJECTED, MediaStream, other_party, shared_address
 
 
 class StreamAllocator(Protocol):
@@ -173,3 +173,66 @@ class Session:
             if not stream.ended:
                 allocator.close_stream(stream, status, now)
         self.end_time = now
+
+
+# The session as plain data, for the state file that carries calls over a relay restart.
+
+_SESSION_FIELDS = ("call_id", "from_tag", "to_tag", "from_uri", "to_uri", "caller_ua", "callee_ua", "username",
+                   "dialog_id", "owner", "created", "start_time", "end_time")
+_STREAM_FIELDS = ("media_type", "created", "last_activity", "first_media_time", "end_time", "status",
+                  "timeout_wait")
+_LEG_FIELDS = ("port", "sdp_address", "latched_rtp", "latched_rtcp", "media_seen_rtp", "media_seen_rtcp",
+               "packet_count", "byte_count", "dropped", "codec", "on_hold", "ice")
+_ADDRESSES = ("sdp_address", "latched_rtp", "latched_rtcp")
+
+
+def session_state(session: Session) -> dict:
+    """Everything statistics and offer/answer need, as JSON-ready data."""
+    data = {name: getattr(session, name) for name in _SESSION_FIELDS}
+    data["transaction"] = list(session._transaction) if session._transaction is not None else None
+    data["offerer"] = session._offerer
+    data["last_cseq"] = [session._last_cseq_caller, session._last_cseq_callee]
+    data["all_streams"] = [_stream_state(stream) for stream in session.all_streams]
+    index = {id(stream): n for n, stream in enumerate(session.all_streams)}
+    data["streams"] = [index[id(stream)] if stream is not None else None for stream in session.streams]
+    return data
+
+
+def _stream_state(stream: MediaStream) -> dict:
+    data = {name: getattr(stream, name) for name in _STREAM_FIELDS}
+    for party in (CALLER, CALLEE):
+        leg = data[party] = {name: getattr(stream.leg(party), name) for name in _LEG_FIELDS}
+        for name in _ADDRESSES:
+            if leg[name] is not None:
+                leg[name] = list(leg[name])
+    return data
+
+
+def session_from_state(data: dict, routable) -> Session:
+    """The Session of session_state(); its streams have their ports but nothing opened
+    (the relay binds them again). ValueError/KeyError/TypeError for data that is not one."""
+    session = Session(data["call_id"], data["from_tag"], float(data["created"]))
+    for name in _SESSION_FIELDS:
+        setattr(session, name, data[name])
+    transaction = data["transaction"]
+    session._transaction = (transaction[0], int(transaction[1])) if transaction is not None else None
+    session._offerer = data["offerer"]
+    session._last_cseq_caller, session._last_cseq_callee = (int(cseq) for cseq in data["last_cseq"])
+    session.all_streams = [_stream_from_state(item, session.call_id, routable) for item in data["all_streams"]]
+    session.streams = [session.all_streams[n] if n is not None else None for n in data["streams"]]
+    return session
+
+
+def _stream_from_state(data: dict, call_id: str, routable) -> MediaStream:
+    stream = MediaStream(data["media_type"], data[CALLER]["port"], data[CALLEE]["port"], data["created"], routable)
+    stream.call_id = call_id
+    for name in _STREAM_FIELDS[1:]:
+        setattr(stream, name, data[name])
+    for party in (CALLER, CALLEE):
+        leg, values = stream.leg(party), data[party]
+        for name in _LEG_FIELDS:
+            value = values[name]
+            if name in _ADDRESSES and value is not None:
+                value = shared_address(tuple(value))
+            setattr(leg, name, value)
+    return stream

@@ -33,6 +33,9 @@ def stream_statistics(stream, session, advertised_ip: str, now: float) -> dict:
         "callee_bytes": callee.byte_count,
         "caller_packets": caller.packet_count,
         "callee_packets": callee.packet_count,
+        # beyond SPEC §6: packets from other addresses than the latched party's, dropped
+        "caller_dropped": caller.dropped,
+        "callee_dropped": callee.dropped,
         "caller_local": "%s:%d" % (advertised_ip, caller.port),
         "callee_local": "%s:%d" % (advertised_ip, callee.port),
         "caller_remote": _address(caller.latched_rtp or caller.sdp_address),
@@ -72,4 +75,5 @@ def relay_summary(relay, now: float) -> dict:
         "session_count": len(relay.sessions),
         "stream_count": dict(stream_count),
         "bps_relayed": relay.bps_relayed,
+        "dropped_packets": relay.forwarding.packets_dropped,    # since start, by all streams (beyond SPEC §5)
     }

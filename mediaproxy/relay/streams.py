@@ -3,19 +3,26 @@
 Each stream holds two legs: the relay's port pair facing the caller and the
 one facing the callee (RTP on the even port, RTCP on the next). A leg
 latches onto its party's real address from the first packet that party
-sends; afterwards only that address is accepted. A packet received on one
-leg is sent out of the other leg's port to the other party.
+sends; afterwards packets from any other address are dropped and counted.
+With strict source (the default) only a new offer/answer that changes the
+party's address undoes a latch; without it (`relatch_after` set) a party
+silent for that long may be latched anew by a new source (a NAT that
+rebinds, a phone that moves). A packet received on one leg is sent out of
+the other leg's port to the other party.
 
 A relay holds tens of thousands of these at once, so they are slotted and
 keep their per-component state (RTP, RTCP) in pairs of attributes rather
 than in lists; a leg is itself the receiver its port pair delivers to.
 """
 
+import logging
 from sys import intern
-from typing import Callable
+from typing import Callable, Optional
 
 from mediaproxy.protocol.media import MediaDescription
 from mediaproxy.relay.rtp import codec_name, is_stun, rtp_payload_type
+
+log = logging.getLogger("mediaproxy.relay")
 
 CALLER, CALLEE = "caller", "callee"
 RTP, RTCP = 0, 1
@@ -80,7 +87,8 @@ class Leg:
     path of that party's packets: calling the leg is receiving one (see __call__)."""
 
     __slots__ = ("stream", "peer", "port", "sdp_address", "latched_rtp", "latched_rtcp", "media_seen_rtp",
-                 "media_seen_rtcp", "packet_count", "byte_count", "dropped", "codec", "on_hold", "ice")
+                 "media_seen_rtcp", "packet_count", "byte_count", "dropped", "codec", "on_hold", "ice",
+                 "stranger_look")
 
     def __init__(self, stream: "MediaStream", port: int):
         self.stream = stream
@@ -97,13 +105,19 @@ class Leg:
         self.codec = None
         self.on_hold = False
         self.ice = False
+        self.stranger_look = None         # (packet_count, when): the party's count as a stranger last saw it
 
     latched = _per_component("latched_rtp", "latched_rtcp", "latched addresses as [RTP, RTCP]")
     media_seen = _per_component("media_seen_rtp", "media_seen_rtcp", "media seen as [RTP, RTCP]")
 
+    @property
+    def party(self) -> str:
+        return CALLER if self is self.stream.caller else CALLEE
+
     def reset_latch(self):
         self.latched_rtp = self.latched_rtcp = None
         self.media_seen_rtp = self.media_seen_rtcp = False
+        self.stranger_look = None
 
     def describe(self, media: MediaDescription) -> bool:
         """Take the party's SDP for this stream; True when its address changed (re-latch needed)."""
@@ -133,8 +147,11 @@ class Leg:
             latched, media_seen, destination = self.latched_rtp, self.media_seen_rtp, peer.latched_rtp
         if latched != source:
             if latched is not None:
-                self.dropped += 1
-                return None
+                if stream.relatch_after is None or not self._party_silent(now):
+                    self._drop(component, source, latched)
+                    return None
+                self._relatch(component, source, latched, now)
+                media_seen = False
             self._latch(component, source)
         self.packet_count += 1
         self.byte_count += len(data)
@@ -150,6 +167,50 @@ class Leg:
             if destination is None:
                 return None
         return peer.port + component, destination
+
+    def dropped_by_kernel(self, component: int, source, now: float) -> bool:
+        """A packet from `source` reached this leg's parked port (see kernel/parking.py): the
+        kernel relays only the latched party's packets there, and no socket took this one.
+        It is counted as dropped; True when the port should listen again, so that the next
+        ones are heard (the leg may latch them)."""
+        latched = self.latched_rtcp if component else self.latched_rtp
+        self._drop(component, source, latched)
+        return latched is None or self.stream.relatch_after is not None
+
+    def _drop(self, component: int, source, latched) -> None:
+        self.dropped += 1
+        self.stream.listener.dropped(self.stream)
+        if self.dropped == 1:         # one line per leg: a stranger may send thousands
+            log.info("session %s: dropping packets from %s to the %s's %s %s port, latched to %s",
+                     self.stream.call_id, _text(source), self.party, self.stream.media_type,
+                     "RTCP" if component else "RTP", _text(latched))
+
+    def _party_silent(self, now: float) -> bool:
+        """Whether the latched party sent nothing for relatch_after, as seen by the packets of
+        strangers: its packet count, looked at by each of them, has not moved for that long.
+        (A count, not a time: nothing is added to the per-packet path of the party.)"""
+        stream = self.stream
+        if stream.on_hold:
+            return False              # silence is what hold is: nobody takes the party's place
+        look = self.stranger_look
+        if look is not None and look[0] == self.packet_count and now - look[1] >= stream.relatch_after:
+            # The kernel's part of the count is only read when asked: ask before believing it.
+            if not stream.listener.count_packets(stream):
+                return False
+            if look[0] == self.packet_count:
+                return True
+        if look is None or look[0] != self.packet_count:
+            self.stranger_look = (self.packet_count, now)
+        return False
+
+    def _relatch(self, component: int, source, latched, now: float) -> None:
+        """The party moved without a new offer: its latch is undone (both components; the
+        other one latches on its next packet) and this source latched."""
+        log.info("session %s: the %s's %s %s moved from %s to %s after %.1f s of silence: latched anew",
+                 self.stream.call_id, self.party, self.stream.media_type, "RTCP" if component else "RTP",
+                 _text(latched), _text(source), now - self.stranger_look[1])
+        self.reset_latch()
+        self.stream.listener.unlatched(self.stream)
 
     def _latch(self, component: int, source) -> None:
         if component:
@@ -186,11 +247,22 @@ class Leg:
 class StreamListener:
     """Told of the latching events of streams (the forwarding uses them for the kernel path)."""
 
+    packets_dropped = 0       # strangers' packets dropped by all its streams (the summary's dropped_packets)
+
     def latched(self, stream: "MediaStream", component: int) -> None:
         """Both parties of a sub-stream (RTP or RTCP) are latched."""
 
     def unlatched(self, stream: "MediaStream") -> None:
         """A party's address changed: its latch is gone."""
+
+    def dropped(self, stream: "MediaStream") -> None:
+        """A packet from an address other than the latched one was dropped."""
+        self.packets_dropped += 1
+
+    def count_packets(self, stream: "MediaStream") -> bool:
+        """Bring the legs' packet counts up to date (the kernel path reads its entries'
+        counters); False when they could not be."""
+        return True
 
 
 NO_LISTENER = StreamListener()
@@ -200,14 +272,18 @@ def _any_address(ip: str) -> bool:
     return True
 
 
+def _text(address) -> str:
+    return "nobody" if address is None else "%s:%d" % address
+
+
 class MediaStream:
     """One m-line of the call, relayed between a caller leg and a callee leg."""
 
     __slots__ = ("media_type", "call_id", "caller", "callee", "created", "last_activity", "in_kernel",
-                 "first_media_time", "end_time", "status", "timeout_wait", "listener", "routable")
+                 "first_media_time", "end_time", "status", "timeout_wait", "listener", "routable", "relatch_after")
 
     def __init__(self, media_type: str, caller_port: int, callee_port: int, now: float,
-                 routable: Callable[[str], bool] = _any_address):
+                 routable: Callable[[str], bool] = _any_address, relatch_after: Optional[float] = None):
         self.media_type = intern(media_type)
         self.call_id = None
         self.caller = Leg(self, caller_port)
@@ -222,6 +298,8 @@ class MediaStream:
         self.timeout_wait = 0
         self.listener = NO_LISTENER
         self.routable = routable          # whether packets may go to an SDP address before a latch
+        self.relatch_after = relatch_after    # None: strict source; else seconds of a party's silence
+                                              # after which a new source may take its place
 
     @property
     def legs(self) -> tuple:

@@ -23,10 +23,12 @@ def test_summary_lists_both_relays_active_in_the_exact_format(two_relays):
     entries = [json.loads(line) for line in lines[:-2]]
     assert sorted(entry["ip"] for entry in entries) == sorted(RELAYS)
     for entry in entries:
-        # SPEC §5's keys, and ours: how the relay forwards, its port use, whether it is drained
+        # SPEC §5's keys, and ours: how the relay forwards, its port use, whether it is drained, the
+        # strangers' packets it dropped
         assert set(entry) - SUMMARY_KEYS <= {"forwarding", "userspace_packets", "kernel_entries", "port_pairs",
-                                             "draining"}, entry
+                                             "draining", "dropped_packets"}, entry
         assert entry["draining"] is False and entry["port_pairs"]["used"] == 0
+        assert entry["dropped_packets"] == 0
         assert SUMMARY_KEYS <= set(entry), entry
         assert entry["forwarding"] == "userspace"
         assert entry["status"] == "active"

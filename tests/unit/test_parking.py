@@ -1,6 +1,7 @@
 """Parked ports: the sockets of kernel-relayed ports are closed and opened
 again when the kernel stops relaying them; a raw socket tells which parked
-port a packet from a new address went to."""
+port a packet from a new address went to: the port's leg counts it dropped
+and says whether the port listens again."""
 
 import os
 import socket
@@ -43,8 +44,22 @@ class FakeForwarding:
         return FakeListening(port, receiver)
 
 
-def receiver(component, source, data, now):
-    return None
+class FakeLeg:
+    """A port pair's receiver, as parking sees it: a stream's leg."""
+
+    def __init__(self):
+        self.strangers = []
+        self.may_latch = True            # strict_source = no
+
+    def __call__(self, component, source, data, now):
+        return None
+
+    def dropped_by_kernel(self, component, source, now):
+        self.strangers.append((component, source))
+        return self.may_latch
+
+
+receiver = FakeLeg()
 
 
 CALLER = ("198.51.100.7", 4000)
@@ -103,13 +118,30 @@ def test_a_port_that_cannot_be_listened_on_again_stays_parked(parking):
 
 def test_only_a_strangers_packet_wakes_a_parked_port(parking):
     forwarding = parking.forwarding
+    receiver.strangers.clear()
     parking.park(40000)
     parking._packet_to(40000, CALLER)           # a copy of the party's packet from before the hand-over
-    assert forwarding.listened == []
+    assert forwarding.listened == [] and receiver.strangers == []
     parking._packet_to(40000, ("203.0.113.9", 5000))
     assert forwarding.listened == [40000]
+    assert receiver.strangers == [(0, ("203.0.113.9", 5000))]
     parking._packet_to(40002, ("203.0.113.9", 5000))   # not parked: nothing
-    assert forwarding.listened == [40000]
+    assert forwarding.listened == [40000] and len(receiver.strangers) == 1
+
+
+def test_with_strict_source_a_strangers_packet_is_counted_and_the_port_stays_parked(parking):
+    forwarding = parking.forwarding
+    receiver.strangers.clear()
+    receiver.may_latch = False
+    try:
+        parking.park(40001)
+        for n in range(3):
+            parking._packet_to(40001, ("203.0.113.9", 5001 + n))
+    finally:
+        receiver.may_latch = True
+    assert receiver.strangers == [(1, ("203.0.113.9", 5001)), (1, ("203.0.113.9", 5002)),
+                                  (1, ("203.0.113.9", 5003))]
+    assert forwarding.listened == [] and parking.is_parked(40001) and len(parking) == 1
 
 
 def test_destination_port_of_raw_packets():

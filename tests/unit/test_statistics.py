@@ -17,8 +17,10 @@ SESSION_KEYS = {"call_id", "from_tag", "to_tag", "from_uri", "to_uri", "caller_u
                 "start_time", "duration", "streams"}
 STREAM_KEYS = {"media_type", "status", "timeout_wait", "caller_codec", "callee_codec", "start_time", "end_time",
                "post_dial_delay", "caller_bytes", "callee_bytes", "caller_packets", "callee_packets",
-               "caller_local", "callee_local", "caller_remote", "callee_remote"}
-SUMMARY_KEYS = {"ip", "version", "status", "uptime", "session_count", "stream_count", "bps_relayed"}
+               "caller_local", "callee_local", "caller_remote", "callee_remote",
+               "caller_dropped", "callee_dropped"}       # beyond SPEC §6: strangers' packets dropped
+SUMMARY_KEYS = {"ip", "version", "status", "uptime", "session_count", "stream_count", "bps_relayed",
+                "dropped_packets"}                     # beyond SPEC §5: the same, relay-wide since start
 # Beyond SPEC §5: how the relay forwards (the in-memory forwarding of these tests says "memory").
 FORWARDING = {"forwarding": "memory"}
 
@@ -68,6 +70,7 @@ def test_the_statistics_of_a_finished_call(relay, forwarding):
     forwarding.deliver(caller_facing + 1, (CALLER_REAL[0], CALLER_REAL[1] + 1), rtcp(), 1004.5)
     for _ in range(2):
         forwarding.deliver(callee_facing, CALLEE_REAL, rtp(8), 1005.0)
+    forwarding.deliver(callee_facing, ("192.0.2.66", 42000), rtp(8), 1005.0)      # a stranger's
 
     statistics = json.loads(relay.remove({"call_id": "call-1@pc33", "from_tag": "alice", "to_tag": "bob"},
                                          1063.0))
@@ -84,7 +87,7 @@ def test_the_statistics_of_a_finished_call(relay, forwarding):
         "caller_codec": "G711u", "callee_codec": "G711a",
         "start_time": 0.0, "end_time": 60.0, "post_dial_delay": 4.0,
         "caller_bytes": 3 * 172 + 28, "callee_bytes": 2 * 172,
-        "caller_packets": 4, "callee_packets": 2,
+        "caller_packets": 4, "callee_packets": 2, "caller_dropped": 0, "callee_dropped": 1,
         "caller_local": "%s:%d" % (RELAY_IP, caller_facing),
         "callee_local": "%s:%d" % (RELAY_IP, callee_facing),
         "caller_remote": "%s:%d" % CALLER_REAL, "callee_remote": "%s:%d" % CALLEE_REAL,
@@ -135,11 +138,12 @@ def test_the_summary(relay):
     summary = json.loads(relay.handle("summary", {}, 1234.9))
     assert summary == {"ip": RELAY_IP, "version": "9.8.7", "status": "active", "uptime": 334,
                        "session_count": 2, "stream_count": {"audio": 2, "video": 1}, "bps_relayed": 0,
+                       "dropped_packets": 0,
                        "port_pairs": {"used": 6, "free": 44, "set_aside": 0}, **FORWARDING}
     assert set(summary) == SUMMARY_KEYS | {"port_pairs"} | set(FORWARDING)
 
 
 def test_the_summary_of_an_idle_relay(relay):
     assert relay.summary(900.0) == {"ip": RELAY_IP, "version": "9.8.7", "status": "active", "uptime": 0,
-                                    "session_count": 0, "stream_count": {}, "bps_relayed": 0,
+                                    "session_count": 0, "stream_count": {}, "bps_relayed": 0, "dropped_packets": 0,
                                     "port_pairs": {"used": 0, "free": 50, "set_aside": 0}, **FORWARDING}

@@ -129,13 +129,16 @@ class ConntrackTable:
         """Whether the kernel relays this sub-stream."""
         return stream.caller.port + component in self.by_port
 
-    def remove_leftovers(self, port_range) -> int:
+    def remove_leftovers(self, port_range, keep=frozenset()) -> int:
         """Delete what an earlier run left: entries with our mark, and the user-space
         path's entries of our ports (with the same ports reused they would clash
-        with the new calls' entries and make the kernel rewrite their ports)."""
+        with the new calls' entries and make the kernel rewrite their ports).
+        `keep`: original tuples of entries whose calls this run restores (see adopt)."""
         low, high = port_range
 
         def ours(entry):
+            if entry.orig in keep:
+                return False
             if entry.mark == self.mark:
                 return True
             flow = entry.orig
@@ -275,6 +278,33 @@ class ConntrackTable:
             elif answer["errors"].get(seq) == errno.ENOENT:
                 gone.append(entry)
         return gone
+
+    def adopt(self, entries, unwanted=()) -> tuple:
+        """Take over NAT entries an earlier run left relaying restored calls (their counters as
+        it last read them, in the entries): (the ones the kernel still has, counted since;
+        the ones it no longer has). `unwanted`: flows of saved entries no call claims, deleted."""
+        wanted = {entry.orig: entry for entry in entries}
+        adopted = []
+        for kernel_entry in self.netlink.dump(self.mark):
+            entry = wanted.pop(kernel_entry.orig, None)
+            if entry is not None:
+                self.count(entry, kernel_entry)
+                adopted.append(entry)
+        missed = list(wanted.values())
+        gone = self.confirm_gone(missed) if missed else []      # (a dump may miss an entry)
+        adopted.extend(entry for entry in missed if entry not in gone)
+        for entry in adopted:
+            if entry.component == RTP:
+                entry.stream.in_kernel = True
+            for port in entry.ports:
+                self.by_port[port] = entry
+        requests = []
+        for flow in unwanted:
+            seq = self.netlink.next_seq()
+            requests.append((seq, ctnetlink.encode_delete(seq, flow)))
+        if requests:
+            self.netlink.transact(requests)
+        return adopted, gone
 
     def refresh_counters(self) -> set:
         """Read every entry of ours; returns the ones the kernel no longer has."""

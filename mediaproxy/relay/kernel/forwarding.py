@@ -11,11 +11,12 @@ import logging
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
+from mediaproxy.relay.kernel.adoption import entries_from_state, entry_state
 from mediaproxy.relay.kernel.conntrack import IPV4_UDP_HEADERS, ConntrackTable, entry_for, udp_stream_timeout
 from mediaproxy.relay.kernel.iptables import IptablesError
 from mediaproxy.relay.kernel.netlink import EventSocket, NetlinkError, WalkSocket
 from mediaproxy.relay.kernel.parking import PortParking
-from mediaproxy.relay.streams import CALLER, CONNTRACK_TIMEOUT, RTP
+from mediaproxy.relay.streams import CALLER, CONNTRACK_TIMEOUT, RTCP, RTP
 from mediaproxy.relay.userspace import UserspaceForwarding
 
 log = logging.getLogger("mediaproxy.relay")
@@ -111,6 +112,40 @@ class KernelForwarding(UserspaceForwarding):
         self._evictor.stop()
         self.parking.stop()
 
+    # Calls carried over a restart (mediaproxy.relay.kernel.adoption)
+
+    def saved_entries(self) -> list:
+        """The entries to leave in the kernel over a restart, their counters read now (first:
+        the legs' counts then hold everything up to the save)."""
+        self.refresh_counters()
+        return [entry_state(entry) for entry in self.table.entries()]
+
+    def adopt(self, streams, saved) -> None:
+        """Relay again through the entries an earlier run left for these restored streams."""
+        entries, orphans = entries_from_state(saved, {stream.caller.port: stream for stream in streams}, self.ip)
+        try:
+            adopted, gone = self.table.adopt(entries, orphans)
+        except (NetlinkError, OSError) as e:
+            log.error("could not adopt the %d kernel entries of the restored calls: %s", len(entries), e)
+            adopted, gone = [], []          # in user space until their media hands them over again
+        for entry in adopted:
+            for port in entry.ports:
+                self.parking.park(port)
+            log.debug("session %s: %s %s relayed by the kernel since the previous run", entry.stream.call_id,
+                      entry.stream.media_type, "RTP" if entry.component == RTP else "RTCP")
+        for stream in streams:
+            for component in (RTP, RTCP):
+                if not stream.ended and not self.table.relays(stream, component):
+                    # its parties' next media hands it to the kernel (again)
+                    for leg in stream.legs:
+                        leg.media_seen[component] = False
+        if entries or orphans:
+            log.info("kernel entries of the restored calls: %d adopted, %d ended while the relay was away, "
+                     "%d of no restored call removed", len(adopted), len(gone), len(orphans))
+        for entry in gone:
+            self.table.ended(entry)
+        self._entries_ended(gone)
+
     # StreamListener
 
     def latched(self, stream, component: int) -> None:
@@ -119,7 +154,12 @@ class KernelForwarding(UserspaceForwarding):
             self._handover_call = self.reactor.callLater(0, self._hand_over)
 
     def unlatched(self, stream) -> None:
-        removed = self.table.remove_port(stream.leg(CALLER).port)
+        try:
+            removed = self.table.remove_port(stream.leg(CALLER).port)
+        except (NetlinkError, OSError) as e:   # (a re-latch asks from the packet path: it must not break)
+            log.error("session %s: could not remove the kernel entries of its %s stream: %s",
+                      stream.call_id, stream.media_type, e)
+            return
         self._wake(removed)
         if removed:
             log.info("session %s: a party moved, its %s stream is relayed in user space until it latches again",
@@ -155,9 +195,24 @@ class KernelForwarding(UserspaceForwarding):
         super().close(port)
 
     def _relayed_sources(self, port: int) -> tuple:
-        """The parties whose packets to this relay port the kernel relays."""
+        """The party whose packets to this relay port the kernel relays: the caller's to its
+        caller-facing port, the callee's to the other (to the wrong port, a party is a stranger)."""
         entry = self.table.by_port.get(port)
-        return () if entry is None else (entry.caller, entry.callee)
+        if entry is None:
+            return ()
+        return (entry.caller,) if port == entry.ports[0] else (entry.callee,)
+
+    def count_packets(self, stream) -> bool:
+        """The kernel's counters of the stream's entries, into its legs' counts now: asked
+        before a silent party's place is given to a new source (strict_source = no)."""
+        entries = [entry for entry in map(self.table.by_port.get, (stream.caller.port, stream.caller.port + 1))
+                   if entry is not None]
+        try:
+            self.table.confirm_gone(entries)        # reads (and counts) the ones the kernel still has
+        except (NetlinkError, OSError) as e:
+            log.error("session %s: could not read the kernel's counters: %s", stream.call_id, e)
+            return False
+        return True
 
     def _wake(self, entries) -> None:
         """The kernel no longer relays these sub-streams: their ports listen again."""

@@ -7,12 +7,15 @@ before the kernel runs out of entries. A parked port keeps its place in the
 port pool; when its entry goes (the stream moves, pauses, is put on hold)
 its socket is opened again.
 
-A party that moves without a new offer (a NAT that rebinds) sends to a
-parked port from an address no entry matches, so the packet is delivered to
+A packet to a parked port from an address no entry matches (a stranger, or
+a party that moved without a new offer: a NAT that rebinds) is delivered to
 the relay's address where no socket listens. One raw socket sees every UDP
 packet delivered to the relay's address in its port range (the kernel's
-NAT-relayed packets are forwarded, not delivered, so it does not see those)
-and wakes the port up: the party's next packet is heard and latched again.
+NAT-relayed packets are forwarded, not delivered, so it does not see those):
+the port's leg counts it as dropped and says whether the port listens again
+(only when the leg may latch a new source, without strict source). With
+strict source a stranger spraying a call's ports never gets its packets
+into the relay process beyond their headers on the raw socket.
 """
 
 import ctypes
@@ -107,8 +110,9 @@ class _Catcher:
 
 class PortParking:
     """Parks and wakes the sockets of a UserspaceForwarding (its ``sockets``,
-    ``receivers`` and ``listen``). ``expected_source(port)``: the addresses whose
-    packets to a parked port the kernel relays (they wake nothing).
+    ``receivers`` and ``listen``; the receivers are the streams' legs).
+    ``expected_source(port)``: the addresses whose packets to a parked port the
+    kernel relays (copies of theirs are no strangers').
 
     A port is parked when its pair is open (has a receiver) but the port has no
     socket: no set of parked ports is kept (four ports a call), only their count.
@@ -171,7 +175,9 @@ class PortParking:
 
     def _packet_to(self, port: int, source) -> None:
         # The raw socket also sees copies of packets that arrived just before their port was
-        # parked, from the parties the kernel now relays: only a stranger's packet wakes a port.
+        # parked, from the parties the kernel now relays: only a stranger's packet counts.
         if self.is_parked(port) and source not in self.expected_source(port):
-            log.debug("a packet from %s:%d to parked port %d: listening on it again", *source, port)
-            self.wake(port)
+            leg = self.forwarding.receivers[port & ~1]
+            if leg.dropped_by_kernel(port & 1, source, self.reactor.seconds()):
+                log.debug("a packet from %s:%d to parked port %d: listening on it again", *source, port)
+                self.wake(port)

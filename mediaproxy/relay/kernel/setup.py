@@ -2,7 +2,7 @@
 
 The relay arranges what it needs in its network namespace (conntrack
 accounting, conntrack and NAT hooks), removes what an earlier run left
-(entries with its mark, inhibitor rules), and then proves that conntrack NAT
+(entries with its mark that no restored call claims, inhibitor rules), and then proves that conntrack NAT
 applies with a probe packet (FIELD-NOTES 1: listing tables proves nothing).
 """
 
@@ -87,8 +87,9 @@ def make_inhibitor_set(name: str) -> None:
         raise KernelUnavailable("cannot make the ipset %s for the NOTRACK inhibitor: %s" % (name, e)) from None
 
 
-def start_kernel_path(relay_ip: str, mark: int, port_range):
-    """(ConntrackTable, EventSocket) ready for use, or KernelUnavailable."""
+def start_kernel_path(relay_ip: str, mark: int, port_range, keep=frozenset()):
+    """(ConntrackTable, EventSocket) ready for use, or KernelUnavailable. `keep`: original
+    tuples of entries an earlier run left for the calls this run restores (not leftovers)."""
     if ":" in relay_ip:
         raise KernelUnavailable("the kernel path is for IPv4 relay addresses")
     problems = missing_prerequisites()
@@ -114,7 +115,7 @@ def start_kernel_path(relay_ip: str, mark: int, port_range):
             raise KernelUnavailable("the kernel has no connection tracking (nf_conntrack) in this network namespace")
         _write(CONNTRACK_ACCT, "1")
         table = ConntrackTable(netlink, iptables, relay_ip, mark, inhibitor_set)
-        stale_entries = table.remove_leftovers(port_range)
+        stale_entries = table.remove_leftovers(port_range, keep)
         if stale_entries or stale_rules:
             log.warning("removed what an earlier run left: %d conntrack entries, %d iptables rules",
                         stale_entries, stale_rules)
