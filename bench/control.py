@@ -455,6 +455,14 @@ def run(smoke: bool, workdir: Path) -> dict:
                     f"(median): clients {mean_of(rs, ('clients_cpu',)):.2f}, " +
                     ", ".join(f"{name} {value:.2f}" for name, value in cpu.items() if value is not None and
                               _belongs(name, server)))
+        for n in (1, opts.clients):
+            key = "control_rate_1" if n == 1 else "control_rate_8"
+            ours, floor, ref = figures[key], figures[key + "_floor"], figures[key + "_rtpengine"]
+            if ours and floor and ref:
+                notes.append(f"{n} client(s): the floor (the same UNIX socket and TLS hops in Twisted, no work at "
+                             f"either end) did {floor:.0f} sessions/s, {floor / ref:.2f} of rtpengine; ours did "
+                             f"{ours / floor:.2f} of the floor: what the two hops cost by themselves bounds the "
+                             f"ratio any design with this transport can reach here")
         notes.append("the machine has %d CPUs shared by the clients and the servers: a client's CPU is taken "
                      "from the server it measures (each client is a blocking Python loop, ~%.0f us of its own "
                      "CPU a session)" % (os.cpu_count() or 1, _client_cost_us(runs)))

@@ -8,7 +8,6 @@ land a call on two relays.
 """
 
 import collections
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -16,10 +15,13 @@ from typing import Optional
 
 from twisted.internet import defer
 
+from mediaproxy.dispatcher.counters import (INTERNAL, MALFORMED, NO_RELAY, OK, RELAY_ERROR, RELAY_HALTING,
+                                             RELAY_TIMEOUT, RELAY_UNAVAILABLE, UNKNOWN_SESSION, DispatcherCounters)
 from mediaproxy.dispatcher.management import ManagementCommands
-from mediaproxy.dispatcher.relaylink import RelayError
+from mediaproxy.dispatcher.relaylink import RelayError, RelayTimeout
 from mediaproxy.dispatcher.selection import PreferredThenRandom
 from mediaproxy.protocol.proxy import RequestError, UpdateRequest, parse_proxy_request
+from mediaproxy.protocol.relaylink import decode_answer
 
 log = logging.getLogger("mediaproxy.dispatcher")
 
@@ -52,6 +54,7 @@ class Dispatcher:
         self.pending_removes = {}   # relay ip -> {call_id: headers} of removes waiting for it to come back
         self.draining = set()       # relay ips an operator drained: no new sessions there
         self.management = ManagementCommands(self)
+        self.counters = DispatcherCounters()     # what the metrics port reports
         self._busy_calls = {}       # call_id -> deque of the _Exchanges waiting for the one in progress
 
     # Relays coming and going.
@@ -84,9 +87,10 @@ class Dispatcher:
             # which sessions it has is all we need, not their statistics (a relay that does not
             # know `brief` sends them all the same)
             answer = yield link.send_command("sessions", {"brief": "yes"})
-            held = {session["call_id"]: session for session in json.loads(answer)}
-        except (RelayError, ValueError, TypeError, KeyError) as e:
-            log.warning("could not list the sessions of relay %s: %s", link.ip, e)
+            listed = decode_answer(answer)
+            held = {session["call_id"]: session for session in listed if isinstance(session["call_id"], str)}
+        except (RelayError, TypeError, KeyError) as e:
+            log.warning("could not list the sessions of relay %s: %s", link.ip, e or type(e).__name__)
             return
         now = self.clock.seconds()
         for call_id, record in list(self.sessions.items()):
@@ -96,8 +100,9 @@ class Dispatcher:
         for call_id, session in held.items():
             record = self.sessions.get(call_id)
             if record is None:
-                self.sessions[call_id] = SessionRecord(call_id, link.ip, now, session.get("dialog_id"),
-                                                       session.get("from_tag"), session.get("to_tag"), now)
+                self.sessions[call_id] = SessionRecord(call_id, link.ip, now, _text(session.get("dialog_id")),
+                                                       _text(session.get("from_tag")), _text(session.get("to_tag")),
+                                                       now)
                 log.info("session %s on relay %s adopted", call_id, link.ip)
             elif record.relay_ip == link.ip:
                 record.last_seen = now
@@ -166,14 +171,16 @@ class Dispatcher:
         """Act on a request of the proxy module; `answer(text)` is called once, now or later.
 
         Requests of one call are handled one at a time, in the order they came."""
+        started = self.counters.timer()
         try:
             parsed = parse_proxy_request(request)
         except RequestError as e:
             log.warning("refused %s request: %s (call_id %s)", request.command[:20], e,
                         request.headers.get("call_id", "-"))
             answer("error")
+            self.counters.request_done(request.command.lower(), MALFORMED, started)
             return
-        exchange = _Exchange(self, parsed, request.headers, answer)
+        exchange = _Exchange(self, parsed, request.headers, answer, started)
         waiting = self._busy_calls.get(parsed.call_id)
         if waiting is not None:
             waiting.append(exchange)        # an earlier request of this call is with a relay
@@ -203,13 +210,13 @@ class Dispatcher:
             return
         relay = self._holding_relay(record)
         if relay is None:
-            exchange.finish("error")
+            exchange.finish("error", RELAY_UNAVAILABLE)
             return
 
         def answered(result):
             if isinstance(result, RelayError):
                 log.error("session %s: %s", update.call_id, result)
-                exchange.finish("error")
+                exchange.finish("error", _failure_reason(result))
                 return
             record.last_seen = self.clock.seconds()
             if update.dialog_id and not record.dialog_id:
@@ -217,7 +224,10 @@ class Dispatcher:
             if record.start_time is None and update.media is not None and update.type != record.offer_type \
                     and result not in ("error", "halting"):
                 record.start_time = record.last_seen        # the answer
-            exchange.finish("error" if result == "halting" else result)
+            if result == "halting":
+                exchange.finish("error", RELAY_HALTING)
+            else:
+                exchange.finish(result)
         relay.send("update", exchange.headers, exchange.guarded(answered))
 
     def _offer_to_next(self, exchange, candidates) -> None:
@@ -226,7 +236,7 @@ class Dispatcher:
         relay = next(candidates, None)
         if relay is None:
             log.error("session %s: no relay could take it (%d connected)", update.call_id, len(self.relays))
-            exchange.finish("error")
+            exchange.finish("error", NO_RELAY)
             return
 
         def answered(result):
@@ -243,6 +253,7 @@ class Dispatcher:
                                                               update.from_tag, update.to_tag, now, update.from_uri,
                                                               update.to_uri, update.type)
                 log.info("session %s on relay %s", update.call_id, relay.ip)
+                self.counters.sessions_created += 1
                 exchange.finish(result)
                 return
             self._offer_to_next(exchange, candidates)
@@ -256,7 +267,7 @@ class Dispatcher:
         if record is None:
             # often the end of a call whose media had died: it expired, its dialog was ended
             log.info("remove of session %s, which is not known (or has expired)", call_id)
-            exchange.finish("error")
+            exchange.finish("error", UNKNOWN_SESSION)
             return
         relay = self.relays.get(record.relay_ip)
         if relay is None:
@@ -268,20 +279,17 @@ class Dispatcher:
             return
         self._send_remove(relay, call_id, exchange.headers, exchange.guarded(exchange.finish))
 
-    def _send_remove(self, relay, call_id: str, headers, done=lambda answer: None) -> None:
+    def _send_remove(self, relay, call_id: str, headers, done=lambda answer, reason=None: None) -> None:
         def answered(result):
             if isinstance(result, RelayError):
                 log.error("session %s: remove failed: %s", call_id, result)
-                done("error")
+                done("error", _failure_reason(result))
                 return
             record = self.sessions.pop(call_id, None) or SessionRecord(call_id, relay.ip, self.clock.seconds())
             statistics = None
             if result.startswith("{"):
                 # without accounting nothing reads the statistics of a removed session: not decoded
-                try:
-                    statistics = json.loads(result) if self.accounting else {}
-                except ValueError:
-                    pass
+                statistics = decode_answer(result) if self.accounting else {}
             if not isinstance(statistics, dict):
                 log.error("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
                 done("error")
@@ -311,6 +319,7 @@ class Dispatcher:
         else:
             record = SessionRecord(call_id, link.ip, self.clock.seconds())
         log.info("session %s expired on relay %s", call_id, link.ip)
+        self.counters.session_expired(statistics)
         self.session_ended(record, statistics, timed_out=True)
 
     def session_ended(self, record: SessionRecord, statistics: dict, timed_out: bool) -> None:
@@ -349,12 +358,7 @@ class Dispatcher:
         ended = defer.Deferred()
 
         def answered(result):
-            statistics = None
-            if not isinstance(result, RelayError):
-                try:
-                    statistics = json.loads(result)
-                except ValueError:
-                    pass
+            statistics = None if isinstance(result, RelayError) else decode_answer(result)
             if not isinstance(statistics, dict):
                 log.error("session %s: relay %s could not end it: %s", call_id, relay.ip, str(result)[:80])
                 ended.callback(None)
@@ -369,16 +373,26 @@ class Dispatcher:
         return ended
 
 
+def _text(value):
+    """A value a relay listed, kept when it is text (a call's id or tag), else None."""
+    return value if isinstance(value, str) else None
+
+
+def _failure_reason(error: RelayError) -> str:
+    return RELAY_TIMEOUT if isinstance(error, RelayTimeout) else RELAY_UNAVAILABLE
+
+
 class _Exchange:
     """One request of the proxy module on its way through the dispatcher: answered exactly once,
     and then the next waiting request of the same call goes."""
 
-    __slots__ = ("dispatcher", "request", "headers", "_answer", "_finished")
+    __slots__ = ("dispatcher", "request", "headers", "started", "_answer", "_finished")
 
-    def __init__(self, dispatcher: Dispatcher, request, headers, answer):
+    def __init__(self, dispatcher: Dispatcher, request, headers, answer, started: float):
         self.dispatcher = dispatcher
         self.request = request              # UpdateRequest or RemoveRequest
         self.headers = headers              # as the proxy sent them: forwarded to the relay
+        self.started = started              # counters.timer() when it came: its latency
         self._answer = answer
         self._finished = False
 
@@ -386,10 +400,13 @@ class _Exchange:
         step = self.dispatcher._update if isinstance(self.request, UpdateRequest) else self.dispatcher._remove
         self.guarded(step)(self)
 
-    def finish(self, text: str) -> None:
+    def finish(self, text: str, reason: str = RELAY_ERROR) -> None:
+        """Answer `text`; `reason` says why when it is `error`."""
         if self._finished:
             return
         self._finished = True
+        command = "update" if isinstance(self.request, UpdateRequest) else "remove"
+        self.dispatcher.counters.request_done(command, reason if text == "error" else OK, self.started)
         try:
             self._answer(text)
         finally:
@@ -397,10 +414,10 @@ class _Exchange:
 
     def guarded(self, step):
         """`step`, made to answer `error` if it fails: a bug must not leave the call waiting forever."""
-        def run(value):
+        def run(*value):
             try:
-                step(value)
+                step(*value)
             except Exception:
                 log.exception("request of session %s failed", self.request.call_id)
-                self.finish("error")
+                self.finish("error", INTERNAL)
         return run

@@ -23,6 +23,7 @@ from twisted.internet import defer
 
 from mediaproxy import __version__
 from mediaproxy.dispatcher.relaylink import RelayError
+from mediaproxy.protocol.relaylink import decode_answer
 
 log = logging.getLogger("mediaproxy.dispatcher")
 
@@ -118,8 +119,8 @@ class ManagementCommands:
         if relay is None:
             return ["error"]
         try:
-            summary = json.loads((yield relay.send_command("summary")))
-        except (RelayError, ValueError):
+            summary = decode_answer((yield relay.send_command("summary")))
+        except RelayError:
             summary = None
         line = self._relay_line(relay, summary if isinstance(summary, dict) else None)
         line["active"] = relay.active
@@ -145,9 +146,6 @@ class ManagementCommands:
                                            consumeErrors=True)
         answers = []
         for relay, (ok, answer) in zip(relays, results):
-            try:
-                value = json.loads(answer) if ok else None
-            except ValueError:
-                value = None
+            value = decode_answer(answer) if ok else None
             answers.append((relay, value if isinstance(value, kind) else None))
         return answers

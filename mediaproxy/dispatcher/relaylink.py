@@ -55,6 +55,8 @@ class RelayLink(VerifiedPeerProtocol):
         self.connected_link = False
         self._recover_call = None
 
+    counters = None        # the dispatcher's DispatcherCounters (set by the factory): timeouts counted there
+
     @property
     def ip(self) -> str:
         return self.peer_ip
@@ -140,6 +142,8 @@ class RelayLink(VerifiedPeerProtocol):
             self._timed_out(seq, *self.pending.pop(seq)[:3])
 
     def _timed_out(self, seq, answered, name, headers):
+        if self.counters is not None:
+            self.counters.relay_timed_out(self.ip, name)
         self.timed_out[seq] = (name, headers)
         if len(self.timed_out) > MAX_REMEMBERED_TIMEOUTS:
             del self.timed_out[next(iter(self.timed_out))]
@@ -196,6 +200,7 @@ class RelayLinkFactory(ServerFactory):
         link.passport = self.config.passport
         link.verify_interval = self.verify_interval
         link.clock = self.clock
+        link.counters = self.dispatcher.counters
         return link
 
     verify_interval = 300

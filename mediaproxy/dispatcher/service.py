@@ -1,4 +1,5 @@
-"""The media-dispatcher service tree: proxy socket, relay port, management port."""
+"""The media-dispatcher service tree: proxy socket, relay port, management port,
+HTTP port (metrics and status page)."""
 
 import errno
 import grp
@@ -7,6 +8,7 @@ import os
 import socket
 
 from twisted.application import internet, service
+from twisted.internet.error import CannotListenError
 
 from mediaproxy.accounting.service import Accounting, AccountingError
 from mediaproxy.dispatcher.core import Dispatcher, SessionRecord
@@ -14,6 +16,7 @@ from mediaproxy.dispatcher.dialogs import DialogTerminator
 from mediaproxy.dispatcher.frontends import ManagementFactory, ProxyFactory
 from mediaproxy.dispatcher.relaylink import RelayLinkFactory
 from mediaproxy.dispatcher.state import load_state, save_state
+from mediaproxy.dispatcher.web import make_site
 from mediaproxy.tls import ContextFactory, Credentials
 
 log = logging.getLogger("mediaproxy.dispatcher")
@@ -110,6 +113,8 @@ class DispatcherService(service.MultiService):
                                            idle_timeout=config.management_idle_timeout)
             internet.TCPServer(port, management, interface=host, reactor=reactor).setServiceParent(self)
         self.management_address = (host, port)
+        self.web_site = make_site(self.dispatcher, reactor) if config.listen_metrics is not None else None
+        self._metrics_port = None
 
     def startService(self):
         os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
@@ -121,6 +126,7 @@ class DispatcherService(service.MultiService):
         give_to_group(self.dialogs.own_socket, self.socket_gid)
         self.accounting.start()
         super().startService()
+        self._metrics_port = self._listen_metrics()
         config = self.configuration.dispatcher
         log.info("listening for the proxy on %s, relays on %s:%d, management on %s:%d (%s)",
                  self.socket_path, *config.listen, *config.listen_management,
@@ -130,7 +136,28 @@ class DispatcherService(service.MultiService):
                         "anyone who gets to it sees every session; firewall it, bind it to 127.0.0.1 "
                         "or set management_use_tls = yes", *config.listen_management)
 
+    def _listen_metrics(self):
+        """The HTTP port; one that cannot be opened costs the metrics, not the calls: logged, no more."""
+        config = self.configuration.dispatcher
+        if self.web_site is None:
+            return None
+        host, port = config.listen_metrics
+        url = "http://%s:%d/" % ("[%s]" % host if ":" in host else host, port)
+        try:
+            listening = self.reactor.listenTCP(port, self.web_site, interface=host)
+        except CannotListenError as e:
+            log.error("no metrics or status page: cannot listen on %s: %s", url, e.socketError)
+            return None
+        log.info("metrics on %smetrics, status page on %s", url, url)
+        if config.metrics_exposed:
+            log.warning("the metrics and status page port %s is on an address other hosts may reach: anyone "
+                        "who gets to it sees every call; firewall it or bind it to 127.0.0.1", url)
+        return listening
+
     def stopService(self):
+        if self._metrics_port is not None:
+            self._metrics_port.stopListening()
+            self._metrics_port = None
         self.dialogs.stop()
         if save_state(self.state_path, self.dispatcher.sessions.values()):
             log.info("saved %d sessions to %s", len(self.dispatcher.sessions), self.state_path)

@@ -102,3 +102,12 @@ def parse_relay_line(line: str):
     if is_number(head) and rest:
         return Reply(int(head), rest)
     raise LinkError("unexpected line %r" % line[:80])
+
+
+def decode_answer(text: str):
+    """A relay's JSON answer (`sessions`, `summary`, `remove`), or None when it is not JSON or is
+    nested too deep for the decoder (which raises RecursionError, not ValueError, then)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None

@@ -44,7 +44,7 @@ def test_benchmark_module_smoke(name, seconds, positive):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, conntrack, AF_PACKET)")
 def test_soak_smoke(tmp_path):
-    """`make soak` in half a minute: every figure given, no leak, no error line, every ended call
+    """`make soak` in 20 seconds: every figure given, no leak, no error line, every ended call
     accounted; its section written into RESULTS.md and results.json next to what is there."""
     (tmp_path / "RESULTS.md").write_text("# Benchmark results\n\nfrom make bench\n")
     (tmp_path / "results.json").write_text('{"control_rate_1": 1.0}\n')

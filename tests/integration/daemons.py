@@ -357,7 +357,9 @@ class Cluster:
                   "listen": f"127.0.0.1:{self.listen_port}",
                   "listen_management": f"127.0.0.1:{self.management_port}",
                   "management_use_tls": "yes" if management_use_tls else "no",
-                  "relay_timeout": 2}
+                  "relay_timeout": 2,
+                  # these tests share this host's loopback: metrics only where a test asks for them
+                  "listen_metrics": "none"}
         config.update(options)
         self.dispatcher_config = config
         config_dir = self.workdir / "dispatcher"

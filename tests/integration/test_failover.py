@@ -64,7 +64,7 @@ def test_a_relay_that_stops_answering_is_bypassed(cluster):
             calls[-1].exchange()
             # The silent relay is reported as failing, the other as active.
             summary = summary_by_ip(cluster)
-            assert summary[RELAY_A] == {"ip": RELAY_A, "status": "error"}
+            assert summary[RELAY_A] == {"ip": RELAY_A, "status": "error", "draining": False}
             assert summary[RELAY_B]["status"] == "active"
             assert summary[RELAY_B]["session_count"] == len(calls)
             assert sorted(s["call_id"] for s in cluster.sessions()) == sorted(call.call_id for call in calls)
