@@ -304,12 +304,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--smoke", action="store_true", help="half a minute with 100 calls, nothing judged; "
+    parser.add_argument("--smoke", action="store_true", help="20 s with 60 calls, nothing judged; "
                                                              "writes to bench/build/smoke unless --output is given")
     parser.add_argument("--output", type=Path, help="where RESULTS.md and results.json are (default bench/)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.minutes, args.calls = min(args.minutes, 0.5), min(args.calls, 100)
+        args.minutes, args.calls = min(args.minutes, 0.3), min(args.calls, 60)
     output = args.output or (HERE / "build" / "smoke" if args.smoke else HERE)
 
     def stop(signum, frame):
