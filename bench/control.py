@@ -311,7 +311,7 @@ def _status(smoke: bool, ok) -> str:
 def environment(opts: Options, workdir: Path, reference: bool = True):
     """The relay namespace with media-dispatcher, media-relay, rtpengine (if `reference`) and the
     client processes; everything is stopped and removed on the way out, also on failure."""
-    from bench.relay import Daemons
+    from bench.relay import Daemons, shut_down
     from bench.topology import RELAY_IP, RoutedTopology
     from tests.support.processes import ProcessManager
 
@@ -330,9 +330,7 @@ def environment(opts: Options, workdir: Path, reference: bool = True):
         finally:
             if clients is not None:
                 clients.stop()
-            manager.stop_all()
-            if daemons is not None:
-                daemons.cleanup()
+            shut_down(daemons, manager)
 
 
 def run(smoke: bool, workdir: Path) -> dict:
@@ -461,8 +459,9 @@ def run(smoke: bool, workdir: Path) -> dict:
             if ours and floor and ref:
                 notes.append(f"{n} client(s): the floor (the same UNIX socket and TLS hops in Twisted, no work at "
                              f"either end) did {floor:.0f} sessions/s, {floor / ref:.2f} of rtpengine; ours did "
-                             f"{ours / floor:.2f} of the floor: what the two hops cost by themselves bounds the "
-                             f"ratio any design with this transport can reach here")
+                             f"{ours / floor:.2f} of the floor: the rest is the daemons' own work on each request "
+                             f"(parsing, session state, four UDP sockets bound per offer, logging: the profile "
+                             f"below)")
         notes.append("the machine has %d CPUs shared by the clients and the servers: a client's CPU is taken "
                      "from the server it measures (each client is a blocking Python loop, ~%.0f us of its own "
                      "CPU a session)" % (os.cpu_count() or 1, _client_cost_us(runs)))

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import conntrack as ct
-from bench.relay import Daemons, cpu_seconds, rss_kb
+from bench.relay import Daemons, cpu_seconds, rss_kb, shut_down
 from bench.tools import BlastResult, Stream, blast, build_tools
 from bench.topology import CALLEE_IP, CALLER_IP, RELAY_IP, RoutedTopology
 
@@ -390,12 +390,7 @@ def run(opts: Options, workdir: Path) -> Results:
             if api_reason is not None:
                 results.notes.append(f"Entries per second of the relay's API: not measured ({api_reason})")
         finally:
-            if daemons is not None:
-                try:
-                    daemons.stop()
-                finally:
-                    daemons.cleanup()
-            manager.stop_all()
+            shut_down(daemons, manager)
     derive(opts, results)
     return results
 

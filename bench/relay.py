@@ -232,3 +232,16 @@ class Daemons:
         import shutil
 
         shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+def shut_down(daemons: "Daemons | None", manager: ProcessManager) -> None:
+    """Stop the daemons (when they were started) and every other process of `manager`, and remove
+    the daemons' runtime directory: what each benchmark does on its way out, also after a failure."""
+    try:
+        if daemons is not None:
+            try:
+                daemons.stop()
+            finally:
+                daemons.cleanup()
+    finally:
+        manager.stop_all()

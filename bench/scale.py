@@ -331,7 +331,7 @@ def measure_sampling(topo, opts: Options, state: State) -> None:
 
 
 def run_scenario(opts: Options, workdir: Path, state: State) -> None:
-    from bench.relay import Daemons
+    from bench.relay import Daemons, shut_down
     from bench.topology import RoutedTopology
     from tests.support.processes import ProcessManager
 
@@ -381,12 +381,7 @@ def run_scenario(opts: Options, workdir: Path, state: State) -> None:
             finally:
                 if sender is not None:
                     sender.stop_keepalive()
-                if daemons is not None:
-                    try:
-                        daemons.stop()
-                    finally:
-                        daemons.cleanup()
-                manager.stop_all()
+                shut_down(daemons, manager)
     finally:
         if memory.poll() is None:
             memory.kill()

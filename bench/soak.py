@@ -152,7 +152,7 @@ def accounted(database: Path) -> int:
 
 def run(minutes: float = 30.0, calls: int = 1000, smoke: bool = False, workdir: Path | None = None) -> dict:
     sample_every = 2.0 if smoke else SAMPLE_EVERY
-    from bench.relay import Daemons
+    from bench.relay import Daemons, shut_down
     from bench.scale import CALLER_PORT0, RELAY_PORT_RANGE, Sender, build_tool, process_figures
     from bench.topology import RoutedTopology
     from tests.support.processes import ProcessManager, wait_for
@@ -245,12 +245,7 @@ def run(minutes: float = 30.0, calls: int = 1000, smoke: bool = False, workdir: 
                     churn.close()
                 if sender is not None:
                     sender.stop_keepalive()
-                if daemons is not None:
-                    try:
-                        daemons.stop()
-                    finally:
-                        daemons.cleanup()
-                manager.stop_all()
+                shut_down(daemons, manager)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

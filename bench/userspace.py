@@ -65,7 +65,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import tools  # noqa: E402
-from bench.relay import Daemons, cpu_seconds  # noqa: E402
+from bench.relay import Daemons, cpu_seconds, shut_down  # noqa: E402
 from bench.tools import Stream, blast, build_tools  # noqa: E402
 from bench.topology import CALLEE_IP, CALLER_IP, RELAY_IP, RoutedTopology  # noqa: E402
 
@@ -446,13 +446,7 @@ def run(smoke: bool, workdir: Path, opts: Options | None = None) -> dict:
                         notes.append("profile: not taken (py-spy is not installed: .venv/bin/pip install py-spy)")
             details["final_summary"] = daemons.relay_summary()
         finally:
-            try:
-                if daemons is not None:
-                    daemons.stop()
-            finally:
-                manager.stop_all()
-                if daemons is not None:
-                    daemons.cleanup()
+            shut_down(daemons, manager)
     derive(opts, details["blasts"], figures, notes)
     details["figures_more"] = {k: v for k, v in figures.items() if k not in KEYS}
     return {"figures": {k: figures.get(k) for k in KEYS}, "rows": rows(figures, opts),

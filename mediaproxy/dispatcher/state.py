@@ -10,6 +10,8 @@ import os
 import time
 from dataclasses import asdict, fields
 
+from mediaproxy.statefile import set_aside, write_atomically
+
 log = logging.getLogger("mediaproxy.dispatcher")
 
 FORMAT_VERSION = 1
@@ -36,19 +38,10 @@ def decode_state(text: str, record_type) -> list:
 
 
 def save_state(path: str, records) -> bool:
-    temporary = path + ".new"
     try:
-        with open(temporary, "w") as f:
-            f.write(encode_state(records, time.time()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        write_atomically(path, encode_state(records, time.time()))
     except OSError as e:
         log.error("could not save the session table to %s: %s", path, e.strerror or e)
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
         return False
     return True
 
@@ -62,22 +55,14 @@ def load_state(path: str, record_type) -> list:
         return []
     except (OSError, UnicodeDecodeError) as e:
         log.error("cannot read the saved session table %s: %s", path, e)
-        _set_aside(path)
+        set_aside(path)
         return []
     try:
         records = decode_state(text, record_type)
     except (ValueError, TypeError) as e:
         log.error("the saved session table %s is unusable (%s)", path, e)
-        _set_aside(path)
+        set_aside(path)
         return []
     os.unlink(path)        # restored: a crash from now on must not restore it twice
     return records
 
-
-def _set_aside(path: str) -> None:
-    aside = "%s.bad-%d" % (path, int(time.time()))
-    try:
-        os.replace(path, aside)
-        log.error("it is kept as %s", aside)
-    except OSError:
-        pass

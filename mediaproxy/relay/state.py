@@ -12,8 +12,9 @@ logged and set aside, never fatal: the relay then starts without calls.
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
+
+from mediaproxy.statefile import set_aside, write_atomically
 
 log = logging.getLogger("mediaproxy.relay")
 
@@ -71,19 +72,10 @@ def check_applies(state: RelayState, setup: dict, now: float, max_age: float) ->
 
 
 def save_state(path: str, state: RelayState) -> bool:
-    temporary = path + ".new"
     try:
-        with open(temporary, "w") as f:
-            f.write(encode_state(state))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        write_atomically(path, encode_state(state))
     except OSError as e:
         log.error("could not save the relay's calls to %s: %s", path, e.strerror or e)
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
         return False
     return True
 
@@ -98,18 +90,18 @@ def load_state(path: str, setup: dict, now: float, max_age: float):
         return None
     except (OSError, UnicodeDecodeError) as e:
         log.error("cannot read the saved calls %s: %s", path, e)
-        _set_aside(path)
+        set_aside(path)
         return None
     try:
         state = decode_state(text)
         check_applies(state, setup, now, max_age)
     except StaleState as e:
         log.warning("the saved calls %s are not restored: %s", path, e)
-        _set_aside(path)
+        set_aside(path)
         return None
     except (ValueError, TypeError) as e:
         log.error("the saved calls %s are unusable (%s)", path, e)
-        _set_aside(path)
+        set_aside(path)
         return None
     os.unlink(path)
     return state
@@ -123,11 +115,3 @@ def remove_state(path: str) -> None:
     except OSError as e:
         log.error("could not remove %s: %s", path, e.strerror)
 
-
-def _set_aside(path: str) -> None:
-    aside = "%s.bad-%d" % (path, int(time.time()))
-    try:
-        os.replace(path, aside)
-        log.warning("it is kept as %s", aside)
-    except OSError:
-        pass
