@@ -14,10 +14,10 @@ from mediaproxy.protocol.relaylink import LinkError, parse_relay_line
 from mediaproxy.relay.core import RelayCore
 from mediaproxy.relay.forwarding import MemoryForwarding
 from mediaproxy.relay.ports import PortPool
-from tests.support.fuzzing import (DEEP_JSON, FUZZ_SETTINGS, media_values, mutated, signaling_values,
-                                   some_ip_addresses)
+from tests.support.fuzzing import (DEEP_JSON, FUZZ_EXAMPLES, FUZZ_SETTINGS, media_values, mutated,
+                                   signaling_values, some_ip_addresses)
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMIT = 16
 
 wire_bytes = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"b", b":", b" ", b"ping", b"x" * 9,
