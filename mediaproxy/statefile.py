@@ -1,5 +1,6 @@
-"""What the daemons keep across a restart on disk (the dispatcher's session
-table, the relay's calls): written atomically, set aside when unusable."""
+"""What the daemons keep on disk across a restart (the dispatcher's session
+table and accounting spool, the relay's calls): written atomically, set
+aside when unusable."""
 
 import logging
 import os
@@ -8,10 +9,10 @@ import time
 log = logging.getLogger("mediaproxy")
 
 
-def write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, text: str, temporary_suffix: str = ".new") -> None:
     """`text` in `path`, all of it or none (a temporary file, fsynced, renamed over it); raises
     OSError (e.g. a full disk), leaving no temporary file behind."""
-    temporary = path + ".new"
+    temporary = path + temporary_suffix
     try:
         with open(temporary, "w") as f:
             f.write(text)

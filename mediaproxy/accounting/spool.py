@@ -8,6 +8,8 @@ import logging
 import os
 import time
 
+from mediaproxy.statefile import write_atomically
+
 log = logging.getLogger("mediaproxy.accounting")
 
 
@@ -27,20 +29,8 @@ class Spool:
     def put(self, record: dict) -> str:
         """Store a record for good; raises OSError (e.g. disk full) when it cannot."""
         name = "%020d-%06d.json" % (time.time_ns(), next(self._counter) % 1000000)
-        path = os.path.join(self.directory, name)
-        temporary = path + ".tmp"
-        try:
-            with open(temporary, "w") as f:
-                json.dump(record, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(temporary, path)
-        except OSError:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
+        # .tmp: what a crash cut short, removed at the next start (see __init__)
+        write_atomically(os.path.join(self.directory, name), json.dumps(record, separators=(",", ":")), ".tmp")
         self._names.append(name)
         return name
 

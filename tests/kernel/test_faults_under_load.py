@@ -181,7 +181,8 @@ def test_faults_under_load_lose_nothing_and_leave_nothing(rig):
         #    kept of it; the dispatcher accounts the calls it lost, once each.
         relays["relay2"].process.stop(signum=9)
         load.lost(ip["relay2"])
-        time.sleep(1)                           # the dispatcher sees the connection go
+        wait_for(lambda: ip["relay2"] not in {s.get("ip") for s in management.summary()}, timeout=10,
+                 message="the dispatcher to see relay2 go")
         assert set(load.run_for(3)) == {ip["relay1"]}
         relays["relay2"] = start_relay_daemon("relay2")
         wait_for(lambda: conntrack_entries(topo, "relay2") == [] and relay_rules(topo, "relay2") == [],

@@ -67,6 +67,22 @@ garbage = st.one_of(
 )
 
 
+RESYNC = b"\r\n\r\n"              # ends whatever line and request a fuzzed input left open
+
+
+@st.composite
+def in_some_form(draw, data: bytes):
+    """(form, bytes): well-formed `data` as it is, mutated, replaced by garbage, or after garbage."""
+    form = draw(st.sampled_from(["well-formed", "mutated", "mutated", "garbage", "garbage-between"]))
+    if form == "mutated":
+        data = draw(mutated(data))
+    elif form == "garbage":
+        data = draw(garbage)
+    elif form == "garbage-between":
+        data = draw(garbage) + RESYNC + data
+    return form, data
+
+
 @st.composite
 def split(draw, data: bytes, max_cuts: int = 8) -> list:
     """`data` cut at arbitrary points into chunks (as TCP may deliver it)."""

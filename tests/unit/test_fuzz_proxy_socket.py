@@ -28,7 +28,7 @@ from mediaproxy.relay.dispatchers import DispatcherLink
 from mediaproxy.relay.forwarding import MemoryForwarding
 from mediaproxy.relay.ports import PortPool
 from mediaproxy.relay.statistics import session_statistics
-from tests.support.fuzzing import (FUZZ_SETTINGS, HOSTILE_PIECES, garbage, mutated, request_at_limits,
+from tests.support.fuzzing import (FUZZ_SETTINGS, HOSTILE_PIECES, RESYNC, in_some_form, request_at_limits,
                                    request_bytes, split, updates, watched_for_tracebacks)
 
 RELAY_IPS = ["10.1.0.1", "10.1.0.2"]
@@ -40,7 +40,6 @@ TIMEOUT = 5
 KEEPALIVE = RECOVER = 100000
 KEPT_CALLS = ["kept-1", "kept-2", "kept-3"]      # set up first, never named by the fuzzed input
 CALL_IDS = ["c1", "c2", "c3"]                    # what the fuzzed input names
-RESYNC = b"\r\n\r\n"                              # ends whatever line and request the input left open
 FINAL_UPDATE = (b"update\r\ntype: request\r\ncall_id: final\r\ncseq: 1 INVITE\r\nfrom_tag: alice\r\n"
                 b"media: audio:10.0.0.5:4000:sendrecv,video:10.0.0.5:4002:sendrecv\r\n\r\n")
 
@@ -212,14 +211,7 @@ def proxy_input(draw):
     """What a proxy may send: well-formed requests, the same mutated, or garbage, and after it
     the bytes that end any open request and a well-formed request that must work."""
     requests = draw(well_formed())
-    data = b"".join(request for request, _ in requests)
-    form = draw(st.sampled_from(["well-formed", "mutated", "mutated", "garbage", "garbage-between"]))
-    if form == "mutated":
-        data = draw(mutated(data))
-    elif form == "garbage":
-        data = draw(garbage)
-    elif form == "garbage-between":
-        data = draw(garbage) + RESYNC + data
+    form, data = draw(in_some_form(b"".join(request for request, _ in requests)))
     return form, requests, data + RESYNC + FINAL_UPDATE
 
 

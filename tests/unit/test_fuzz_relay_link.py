@@ -32,8 +32,8 @@ from mediaproxy.relay.dispatchers import DispatcherLink
 from mediaproxy.relay.forwarding import MemoryForwarding
 from mediaproxy.relay.ports import PortPool
 from mediaproxy.relay.statistics import session_statistics
-from tests.support.fuzzing import (DEEP_JSON, FUZZ_SETTINGS, STREAMS, garbage, mutated, request_at_limits,
-                                   request_bytes, split, updates, watched_for_tracebacks)
+from tests.support.fuzzing import (DEEP_JSON, FUZZ_SETTINGS, RESYNC, STREAMS, garbage, in_some_form, mutated,
+                                   request_at_limits, request_bytes, split, updates, watched_for_tracebacks)
 
 RELAY_IP = "10.1.0.1"
 DISPATCHER_IP = "10.2.0.1"
@@ -41,7 +41,6 @@ TIMEOUT = 5
 KEEPALIVE = RECOVER = 100000        # neither is what these tests are about
 KEPT_CALLS = ["kept-1", "kept-2", "kept-3"]
 CALL_IDS = ["c1", "c2", "c3"]
-RESYNC = b"\r\n\r\n"
 
 
 def written(transport) -> bytes:
@@ -182,14 +181,7 @@ FINAL = b"summary 4294967296\r\n\r\n"
 @st.composite
 def dispatcher_input(draw):
     requests = draw(commands())
-    data = b"".join(request for request, _ in requests)
-    form = draw(st.sampled_from(["well-formed", "mutated", "mutated", "garbage", "garbage-between"]))
-    if form == "mutated":
-        data = draw(mutated(data))
-    elif form == "garbage":
-        data = draw(garbage)
-    elif form == "garbage-between":
-        data = draw(garbage) + RESYNC + data
+    form, data = draw(in_some_form(b"".join(request for request, _ in requests)))
     return form, requests, data + RESYNC + FINAL
 
 
