@@ -4,8 +4,8 @@
     python -m bench.control_floor back CERTS IP PORT            # the relay's stand-in
 
 A request of the proxy module goes from the client over a UNIX socket to the
-front, which sends it over TLS (our certificates and tls.Credentials
-contexts, Twisted as in the daemons) to the back; the back answers each
+front, which sends it over TLS (our certificates, Credentials contexts
+and tlslayer over Twisted TCP, as in the daemons) to the back; the back answers each
 request with one line (`SEQ IP PORT`, or `SEQ removed` for a remove) and the
 front writes that answer to the client. No parsing beyond line ends, no
 sessions, no ports, no logging: what Twisted, TLS and the process hops cost
@@ -25,7 +25,8 @@ if str(REPO) not in sys.path:
 def front(certs: str, socket_path: str, ip: str, port: int, reactor) -> None:
     from twisted.internet import protocol
 
-    from mediaproxy.tls import ContextFactory, Credentials
+    from mediaproxy.tls import Credentials
+    from mediaproxy.tlslayer import TLSFactory
 
     backs = []
 
@@ -54,7 +55,8 @@ def front(certs: str, socket_path: str, ip: str, port: int, reactor) -> None:
             for request in requests:
                 backs[-1].send(request + b"\r\n\r\n", self.transport.write)
 
-    reactor.listenSSL(port, protocol.Factory.forProtocol(Back), ContextFactory(Credentials(certs, "dispatcher")),
+    credentials = Credentials(certs, "dispatcher")
+    reactor.listenTCP(port, TLSFactory(protocol.Factory.forProtocol(Back), lambda: credentials.ssl_context(True), True),
                       interface=ip)
     reactor.listenUNIX(socket_path, protocol.Factory.forProtocol(Proxy))
 
@@ -62,7 +64,8 @@ def front(certs: str, socket_path: str, ip: str, port: int, reactor) -> None:
 def back(certs: str, ip: str, port: int, reactor) -> None:
     from twisted.internet import protocol
 
-    from mediaproxy.tls import ContextFactory, Credentials
+    from mediaproxy.tls import Credentials
+    from mediaproxy.tlslayer import TLSFactory
 
     answer = b" %s 30000\r\n" % ip.encode()
 
@@ -77,8 +80,9 @@ def back(certs: str, ip: str, port: int, reactor) -> None:
                 replies.append(seq + (b" removed\r\n" if command == b"remove" else answer))
             self.transport.write(b"".join(replies))
 
-    reactor.connectSSL(ip, port, protocol.ClientFactory.forProtocol(Relay),
-                       ContextFactory(Credentials(certs, "relay")))
+    credentials = Credentials(certs, "relay")
+    reactor.connectTCP(ip, port, TLSFactory(protocol.ClientFactory.forProtocol(Relay),
+                                            lambda: credentials.ssl_context(False), False))
 
 
 def main(argv) -> int:

@@ -37,7 +37,7 @@ PARTS = [
     ("socket send (the syscall: wakes the peer)", re.compile(r"^untilConcludes |^_SendmsgMixin\.writeSomeData|"
                                                             r"^Connection\.writeSomeData")),
     ("socket recv", re.compile(r"^(recvmsg|Connection\.doRead|_SendmsgMixin\.doRead) ")),
-    ("TLS: pyOpenSSL / cffi", re.compile(r"OpenSSL/|cffi")),
+    ("TLS (ssl module, mediaproxy/tlslayer.py)", re.compile(r"mediaproxy/tlslayer\.py|/ssl\.py|OpenSSL/|cffi")),
     ("UDP sockets of the port pairs (bind, close)", re.compile(r"twisted/internet/udp\.py|^socket\.|socket\.py")),
     ("logging (stdlib and Twisted's log events)", re.compile(r"logging/__init__\.py|twisted/logger/|"
                                                              r"(LogPublisher|msg|err) \(twisted/python/log\.py")),
@@ -46,7 +46,6 @@ PARTS = [
     ("request framing and parsing (mediaproxy/protocol)", re.compile(r"mediaproxy/protocol/")),
     ("relay: sessions, streams, ports, statistics", re.compile(r"mediaproxy/relay/")),
     ("dispatcher: core, front ends, relay link", re.compile(r"mediaproxy/dispatcher/")),
-    ("TLS: twisted.protocols.tls", re.compile(r"twisted/protocols/tls\.py")),
     ("Deferreds", re.compile(r"twisted/internet/defer\.py")),
     ("reactor and transports (epoll, buffers, callLater)", re.compile(r"twisted/")),
 ]

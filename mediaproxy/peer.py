@@ -65,7 +65,7 @@ class VerifiedPeerProtocol(Protocol):
         cert = self.transport.getPeerCertificate()
         mismatch = passport_mismatch(cert, self.passport) if cert is not None else "no certificate"
         if not mismatch and self.expected_name:
-            mismatch = identity_mismatch(self.transport.getHandle(), self.expected_name)
+            mismatch = identity_mismatch(cert, self.expected_name)
         if mismatch:
             log.warning("refused %s %s (%s): %s", self.peer_kind, self.peer_ip,
                         subject_text(cert) if cert is not None else "-", mismatch)
@@ -106,19 +106,7 @@ class VerifiedPeerProtocol(Protocol):
         self._verify_call = None
         if not self.verified and not self.refused:
             log.warning("TLS handshake with %s %s failed: %s", self.peer_kind, self._peer_or_unknown(),
-                        self._handshake_failure(reason))
-
-    def _handshake_failure(self, reason) -> str:
-        """The peer certificate's fault when there was one, else what OpenSSL or the socket said."""
-        if self.credentials is not None:
-            try:
-                connection = self.transport.getHandle()
-            except Exception:
-                connection = None
-            failure = self.credentials.verify_failure(connection)
-            if failure:
-                return failure
-        return handshake_failure_text(reason)
+                        handshake_failure_text(reason))
 
     def _peer_or_unknown(self):
         try:

@@ -2,38 +2,27 @@
 
 Both sides present a certificate signed by the CA in certs_path; crl.pem,
 when present, is honoured at the handshake and re-read at each periodic
-re-verification; a passport restricts the peer's subject further.
+re-verification; a passport restricts the peer's subject further. The
+handshakes and records are the standard library's ssl module's (tlslayer);
+certificates are inspected as pyOpenSSL X509 objects.
 """
 
 import logging
 import os
 import re
-import weakref
+import ssl
+import _ssl
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-import OpenSSL
-from OpenSSL import SSL, crypto
+from OpenSSL import crypto
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IOpenSSLContextFactory
-from zope.interface import implementer
 
 log = logging.getLogger("mediaproxy.tls")
 
 
 class TLSError(Exception):
     """The TLS files cannot be used; the daemon does not start."""
-
-
-_OPENSSL_VERSION = tuple(int(part) for part in OpenSSL.__version__.split(".")[:2])
-
-
-def add_crl(store, crl) -> None:
-    """Add a cryptography CRL to a pyOpenSSL store; pyOpenSSL before 23.1
-    (Debian 12 ships 23.0) takes only its own CRL type."""
-    if _OPENSSL_VERSION < (23, 1):
-        crl = crypto.CRL.from_cryptography(crl)
-    store.add_crl(crl)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -79,16 +68,22 @@ VERIFY_ERRORS = {
 
 
 def handshake_failure_text(failure) -> str:
-    """Why a handshake ended: OpenSSL's reason without its [('SSL routines',
-    '', ...)] wrapping (e.g. 'wrong version number' for a client that does not
-    speak TLS), or that the other side closed the connection."""
+    """Why a handshake ended, in an operator's words: the peer certificate's fault with its
+    subject when there was one (tlslayer keeps the certificate OpenSSL rejected), else
+    OpenSSL's reason (e.g. 'wrong version number' for a client that does not speak TLS,
+    'sslv3 alert certificate revoked' for the alert a peer sent), or that the other side
+    closed the connection."""
     if failure.check(ConnectionDone, ConnectionLost):
         return "connection closed before the handshake ended"
     error = failure.value
-    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
-        reasons = [entry[-1] for entry in error.args[0] if isinstance(entry, tuple) and entry and entry[-1]]
-        if reasons:
-            return "; ".join(reasons)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        reason = VERIFY_ERRORS.get(error.verify_code, error.verify_message)
+        certificate = getattr(error, "peer_certificate", None)
+        return "%s (%s)" % (reason, subject_text(certificate)) if certificate is not None else reason
+    if isinstance(error, ssl.SSLError):
+        match = re.match(r"\[[^]]*\] (.*?)(?: \(_ssl\.c:\d+\))?$", str(error))
+        if match:
+            return match.group(1)
     return failure.getErrorMessage()
 
 
@@ -114,11 +109,8 @@ class Credentials:
             raise TLSError("the certificate %s has expired" % self.cert_path)
         self._crl_stamp = None
         self._crl = None
-        self._context = None
-        # Why a handshake's peer certificate was rejected, by SSL connection: OpenSSL's
-        # own error on the server side only says "certificate verify failed".
-        self._verify_failures = weakref.WeakKeyDictionary()
-        self.context()         # a key that does not fit, or a bad crl.pem, stops start-up here
+        self._ssl_contexts = {}       # server_side -> ssl.SSLContext, for the CRL read last
+        self.ssl_context(True)         # a key that does not fit, or a bad crl.pem, stops start-up here
 
     def _load_ca(self):
         data = _read(self.ca_path, "CA certificate")
@@ -146,52 +138,38 @@ class Credentials:
             except ValueError:
                 raise TLSError("%s is not a PEM CRL" % self.crl_path) from None
             self._crl_stamp = stamp
-            self._context = None
+            self._ssl_contexts.clear()
         return self._crl
 
-    def context(self) -> SSL.Context:
+    def ssl_context(self, server_side: bool) -> ssl.SSLContext:
+        """The context of this side of a connection (tlslayer), made again when the CRL changed."""
         try:
             crl = self._current_crl()
         except TLSError as e:
-            if self._context is None:
+            if not self._ssl_contexts:
                 raise
             log.error("%s: the CRL read before stays in force", e)
-            return self._context
-        if self._context is None:
-            self._context = self._make_context(crl)
-        return self._context
-
-    def _make_context(self, crl) -> SSL.Context:
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        try:
-            context.use_certificate_chain_file(self.cert_path)
-            context.use_privatekey_file(self.key_path)
-            context.check_privatekey()
-        except SSL.Error:
-            raise TLSError("the key %s does not belong to the certificate %s" % (self.key_path, self.cert_path)) from None
-        context.load_verify_locations(self.ca_path)
-        store = context.get_cert_store()
-        if crl is not None:
-            add_crl(store, crl)
-            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
-        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
-                           self._remember_verify_failure)
-        context.set_session_id(b"mediaproxy")
+            crl = self._crl
+        context = self._ssl_contexts.get(server_side)
+        if context is None:
+            context = self._ssl_contexts[server_side] = self._make_context(server_side, crl)
         return context
 
-    def _remember_verify_failure(self, connection, cert, errno, depth, ok):
-        if not ok and connection not in self._verify_failures:
-            reason = VERIFY_ERRORS.get(errno, "certificate verify error %d" % errno)
-            self._verify_failures[connection] = "%s (%s)" % (reason, subject_text(cert))
-        return ok
-
-    def verify_failure(self, connection) -> str:
-        """Why the peer certificate of this SSL connection was rejected ('' when it was not)."""
+    def _make_context(self, server_side: bool, crl) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = False           # a peer is checked by its passport and expected_name
+        context.verify_mode = ssl.CERT_REQUIRED
         try:
-            return self._verify_failures.get(connection, "")
-        except TypeError:             # not an SSL connection (a test's transport)
-            return ""
+            context.load_cert_chain(self.cert_path, self.key_path)
+        except ssl.SSLError:
+            raise TLSError("the key %s does not belong to the certificate %s" % (self.key_path, self.cert_path)) from None
+        context.load_verify_locations(self.ca_path)
+        if crl is not None:
+            context.load_verify_locations(self.crl_path)      # OpenSSL takes the CRLs of a PEM file too
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        _keep_peer_certificates(context)
+        return context
 
     def problem_with(self, peer) -> str:
         """Why an established peer's certificate is no longer good ('' when it is)."""
@@ -212,15 +190,37 @@ class Credentials:
         return ""
 
 
-@implementer(IOpenSSLContextFactory)
-class ContextFactory:
-    """What Twisted's listenSSL/connectSSL take: a fresh context when the CRL changed."""
+HANDSHAKE, CERTIFICATE = 22, 11       # TLS content type and handshake message type
+TLS1_3 = 0x0304
 
-    def __init__(self, credentials: Credentials):
-        self.credentials = credentials
 
-    def getContext(self) -> SSL.Context:
-        return self.credentials.context()
+def _keep_peer_certificates(context: ssl.SSLContext) -> None:
+    """Keep the peer's certificate (DER) on each SSLObject as `peer_certificate_der` as soon
+    as it arrives, so that a handshake that fails on it can say whose it was: the ssl module
+    has no verify callback, and OpenSSL forgets a certificate it rejected. OpenSSL's message
+    callback is set on the C context directly (ssl.SSLContext's setter would turn three
+    arguments into enums for every record); without it, failures are told without subject."""
+    setter = getattr(_ssl._SSLContext, "_msg_callback", None)
+    if setter is not None:
+        setter.__set__(context, _seen_message)
+
+
+def _seen_message(conn, direction, version, content_type, message_type, data):
+    if content_type == HANDSHAKE and message_type == CERTIFICATE and direction == "read":
+        conn.peer_certificate_der = first_certificate(data, version == TLS1_3)
+
+
+def first_certificate(message: bytes, tls13: bool):
+    """The first (the peer's own) certificate of a TLS Certificate handshake message, or None."""
+    at = 4                                            # type and length of the handshake message
+    if tls13:
+        at += 1 + message[at] if len(message) > at else 0     # certificate_request_context
+    at += 3                                           # length of the certificate list
+    if len(message) < at + 3:
+        return None
+    size = int.from_bytes(message[at:at + 3], "big")
+    der = message[at + 3:at + 3 + size]
+    return der if size and len(der) == size else None
 
 
 def _matches(pattern: str, value: str) -> bool:
@@ -234,15 +234,15 @@ def _matches(pattern: str, value: str) -> bool:
     return value == pattern
 
 
-def identity_mismatch(connection, name: str) -> str:
-    """'' when the peer's certificate is for `name` (a host name or an IP, in its subjectAltName)."""
+def identity_mismatch(cert, name: str) -> str:
+    """'' when the certificate is for `name` (a host name or an IP, in its subjectAltName)."""
     from service_identity import VerificationError
-    from service_identity.pyopenssl import verify_hostname, verify_ip_address
+    from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
     try:
         if re.match(r"^[0-9.]+$|:", name):
-            verify_ip_address(connection, name)
+            verify_certificate_ip_address(cert.to_cryptography(), name)
         else:
-            verify_hostname(connection, name)
+            verify_certificate_hostname(cert.to_cryptography(), name)
     except VerificationError:
         return "its certificate is not for %s" % name
     except Exception as e:            # e.g. a certificate without subjectAltName

@@ -17,7 +17,8 @@ from mediaproxy.dispatcher.frontends import ManagementFactory, ProxyFactory
 from mediaproxy.dispatcher.relaylink import RelayLinkFactory
 from mediaproxy.dispatcher.state import load_state, save_state
 from mediaproxy.dispatcher.web import make_site
-from mediaproxy.tls import ContextFactory, Credentials
+from mediaproxy.tls import Credentials
+from mediaproxy.tlslayer import TLSFactory
 
 log = logging.getLogger("mediaproxy.dispatcher")
 
@@ -98,16 +99,14 @@ class DispatcherService(service.MultiService):
         relays.verify_interval = tls.verify_interval
         relays.handshake_timeout = tls.handshake_timeout      # read by mediaproxy.peer
         host, port = config.listen
-        internet.SSLServer(port, relays, ContextFactory(self.credentials), interface=host,
-                           reactor=reactor).setServiceParent(self)
+        internet.TCPServer(port, self._tls(relays), interface=host, reactor=reactor).setServiceParent(self)
 
         host, port = config.listen_management
         if config.management_use_tls:
             management = ManagementFactory(self.dispatcher, self.credentials, config.management_passport,
                                            tls.verify_interval, reactor, idle_timeout=config.management_idle_timeout,
                                            handshake_timeout=tls.handshake_timeout)
-            internet.SSLServer(port, management, ContextFactory(self.credentials), interface=host,
-                               reactor=reactor).setServiceParent(self)
+            internet.TCPServer(port, self._tls(management), interface=host, reactor=reactor).setServiceParent(self)
         else:
             management = ManagementFactory(self.dispatcher, clock=reactor,
                                            idle_timeout=config.management_idle_timeout)
@@ -115,6 +114,9 @@ class DispatcherService(service.MultiService):
         self.management_address = (host, port)
         self.web_site = make_site(self.dispatcher, reactor) if config.listen_metrics is not None else None
         self._metrics_port = None
+
+    def _tls(self, factory):
+        return TLSFactory(factory, lambda: self.credentials.ssl_context(True), server_side=True)
 
     def startService(self):
         os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)

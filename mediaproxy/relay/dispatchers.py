@@ -21,6 +21,7 @@ from mediaproxy.peer import VerifiedPeerProtocol
 from mediaproxy.protocol.framing import (MAX_LINE_LENGTH, MAX_REQUEST_SIZE, FramingError, Line, RequestReader,
                                          encode_line, is_number)
 from mediaproxy.protocol.relaylink import PING, PONG, LinkError, encode_expired, encode_reply, parse_command
+from mediaproxy.tlslayer import TLSFactory
 
 log = logging.getLogger("mediaproxy.relay")
 
@@ -173,11 +174,11 @@ def resolve_dispatcher(host: str, port, resolver):
 class DispatcherPool(service.MultiService):
     """Keeps one ClientService per dispatcher address, following DNS."""
 
-    def __init__(self, entries, factory, context_factory, bind_ip, reactor, reconnect_delay, dns_check_interval):
+    def __init__(self, entries, factory, credentials, bind_ip, reactor, reconnect_delay, dns_check_interval):
         super().__init__()
         self.entries = entries
         self.factory = factory
-        self.context_factory = context_factory
+        self.credentials = credentials
         self.bind_ip = bind_ip
         self.reactor = reactor
         self.reconnect_delay = reconnect_delay
@@ -223,11 +224,11 @@ class DispatcherPool(service.MultiService):
     def _connect(self, address, name):
         host, port = address
         bind = (self.bind_ip, 0) if self.bind_ip else None
-        endpoint = endpoints.SSL4ClientEndpoint(self.reactor, host, port, self.context_factory,
-                                                timeout=10, bindAddress=bind)
+        tcp = endpoints.TCP6ClientEndpoint if ":" in host else endpoints.TCP4ClientEndpoint
+        endpoint = tcp(self.reactor, host, port, timeout=10, bindAddress=bind)
         delay = self.reconnect_delay
-        connection = internet.ClientService(endpoint, self.factory.named(name), retryPolicy=lambda attempt: delay,
-                                            clock=self.reactor)
+        tls = TLSFactory(self.factory.named(name), lambda: self.credentials.ssl_context(False), server_side=False)
+        connection = internet.ClientService(endpoint, tls, retryPolicy=lambda attempt: delay, clock=self.reactor)
         connection.setServiceParent(self)
         self.connections[address] = connection
         log.info("connecting to dispatcher %s:%d", host, port)

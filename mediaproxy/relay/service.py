@@ -15,7 +15,7 @@ from mediaproxy.relay.kernel.setup import KernelUnavailable, start_kernel_path
 from mediaproxy.relay.ports import PortPool
 from mediaproxy.relay.state import FILE_NAME as STATE_FILE, RelayState, load_state, save_state
 from mediaproxy.relay.userspace import UserspaceForwarding
-from mediaproxy.tls import ContextFactory, Credentials
+from mediaproxy.tls import Credentials
 
 log = logging.getLogger("mediaproxy.relay")
 
@@ -84,7 +84,7 @@ class RelayService(service.MultiService):
         factory = DispatcherLinkFactory(self, self.credentials, config.passport, configuration.tls.verify_interval,
                                         config.keepalive_interval, reactor, config.verify_dispatcher_names)
         factory.handshake_timeout = configuration.tls.handshake_timeout      # read by mediaproxy.peer
-        self.pool = DispatcherPool(config.dispatchers, factory, ContextFactory(self.credentials),
+        self.pool = DispatcherPool(config.dispatchers, factory, self.credentials,
                                    config.relay_ip, reactor, config.reconnect_delay, config.dns_check_interval)
         self.pool.setServiceParent(self)
         sampler = internet.TimerService(config.traffic_sampling_period, self._sample_traffic)

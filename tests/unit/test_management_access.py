@@ -15,6 +15,7 @@ from mediaproxy import __version__
 from mediaproxy.configuration import parse_configuration
 from mediaproxy.dispatcher.frontends import ManagementFactory
 from mediaproxy.dispatcher.service import DispatcherService
+from mediaproxy.tlslayer import TLSFactory
 from tests.support.certs import make_certs_dir
 
 IDLE = 30
@@ -135,9 +136,7 @@ def started_dispatcher(tmp_path, certs, dispatcher_section):
 
 def management_listener(reactor, port):
     """(interface, TLS?) of what the dispatcher listens on at ``port``."""
-    plain = [(entry[3], False) for entry in reactor.tcpServers if entry[0] == port]
-    tls = [(entry[4], True) for entry in reactor.sslServers if entry[0] == port]
-    (listener,) = plain + tls
+    (listener,) = [(entry[3], isinstance(entry[1], TLSFactory)) for entry in reactor.tcpServers if entry[0] == port]
     return listener
 
 

@@ -12,8 +12,15 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
-from mediaproxy.tls import add_crl
 from tests.support.certs import ago, from_now, make_ca, make_certs_dir
+
+
+def add_crl(store, crl) -> None:
+    """pyOpenSSL before 23.1 (Debian 12 ships 23.0) takes only its own CRL type."""
+    import OpenSSL
+    if tuple(int(part) for part in OpenSSL.__version__.split(".")[:2]) < (23, 1):
+        crl = crypto.CRL.from_cryptography(crl)
+    store.add_crl(crl)
 
 
 def store_for(ca_path, crl_path=None):

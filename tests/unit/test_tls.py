@@ -4,13 +4,15 @@ a peer's certificate by the protocols of both daemons."""
 import logging
 import os
 
+import ssl
+
 import pytest
-from OpenSSL import SSL
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from mediaproxy.peer import HANDSHAKE_TIMEOUT, VerifiedPeerProtocol
-from mediaproxy.tls import (ContextFactory, Credentials, TLSError, handshake_failure_text, passport_mismatch,
+from mediaproxy.tls import (Credentials, TLSError, first_certificate, handshake_failure_text, passport_mismatch,
                             subject_attributes)
 from tests.support.certs import ago, from_now, make_ca, make_certs_dir
 
@@ -30,8 +32,8 @@ def test_good_credentials_load(certs):
     credentials = Credentials(str(certs.path), "relay")
     assert ("CN", "relay1.example.com") in subject_attributes(credentials.certificate)
     assert len(credentials.ca_certificates) == 1
-    assert isinstance(credentials.context(), SSL.Context)
-    assert isinstance(ContextFactory(credentials).getContext(), SSL.Context)
+    assert isinstance(credentials.ssl_context(True), ssl.SSLContext)
+    assert isinstance(credentials.ssl_context(False), ssl.SSLContext)
 
 
 @pytest.mark.parametrize("missing, what", [("ca.pem", "CA certificate"), ("relay.crt", "certificate"),
@@ -53,7 +55,7 @@ def test_a_file_that_is_not_pem_is_named(certs, broken):
 def test_a_key_that_does_not_match_the_certificate_fails_the_context(certs):
     os.replace(certs.path / "dispatcher.key", certs.path / "relay.key")
     with pytest.raises(TLSError, match="does not belong"):
-        Credentials(str(certs.path), "relay").context()
+        Credentials(str(certs.path), "relay").ssl_context(False)
 
 
 def test_a_key_that_does_not_match_the_certificate_stops_loading(certs):
@@ -71,21 +73,29 @@ def test_an_expired_own_certificate_stops_loading(certs):
 def test_a_crl_that_is_not_pem_fails_the_context(certs):
     (certs.path / "crl.pem").write_text("garbage\n")
     with pytest.raises(TLSError, match="crl.pem"):
-        Credentials(str(certs.path), "relay").context()
+        Credentials(str(certs.path), "relay").ssl_context(False)
 
 
 def test_the_context_is_made_again_when_the_crl_changes(certs):
     credentials = Credentials(str(certs.path), "dispatcher")
-    first = credentials.context()
-    assert credentials.context() is first
+    first = credentials.ssl_context(True)
+    assert credentials.ssl_context(True) is first
     certs.revoke("relay")
-    assert credentials.context() is not first
+    assert credentials.ssl_context(True) is not first
+
+
+def test_a_crl_broken_later_leaves_the_context_of_the_last_good_one(certs, caplog):
+    credentials = Credentials(str(certs.path), "dispatcher")
+    first = credentials.ssl_context(True)
+    (certs.path / "crl.pem").write_text("garbage, and longer than before\n")
+    assert credentials.ssl_context(True) is first
+    assert "the CRL read before stays in force" in caplog.text
 
 
 def test_no_crl_is_fine(certs):
     os.unlink(certs.path / "crl.pem")
     credentials = Credentials(str(certs.path), "dispatcher")
-    assert isinstance(credentials.context(), SSL.Context)
+    assert isinstance(credentials.ssl_context(True), ssl.SSLContext)
     assert credentials.problem_with(x509(certs.relay)) == ""
 
 
@@ -230,30 +240,36 @@ def test_the_checks_stop_when_the_connection_is_lost(certs):
 # Why a handshake failed (tls.py), and the handshake timeout (peer.py)
 
 def handshake(credentials, client=None):
-    """A TLS handshake in memory between credentials' server side and a client
-    presenting `client` (an Issued written to files, or None); returns the
-    server's connection."""
-    server_connection = SSL.Connection(credentials.context(), None)
-    server_connection.set_accept_state()
-    context = SSL.Context(SSL.TLS_METHOD)
+    """A TLS handshake in memory between credentials' server side and a client presenting
+    `client` (an Issued written to files, or None); returns the server side's ssl.SSLError,
+    or None when the handshake succeeded."""
+    def end(context, server_side):
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        return context.wrap_bio(incoming, outgoing, server_side=server_side), incoming, outgoing
+
+    server = end(credentials.ssl_context(True), True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     if client is not None:
-        context.use_certificate_file(str(client.cert_path))
-        context.use_privatekey_file(str(client.key_path))
-    client_connection = SSL.Connection(context, None)
-    client_connection.set_connect_state()
+        context.load_cert_chain(str(client.cert_path), str(client.key_path))
+    client = end(context, False)
     for _ in range(5):
-        for side, other in ((client_connection, server_connection), (server_connection, client_connection)):
+        for (side, _, outgoing), (_, incoming, _) in ((client, server), (server, client)):
             try:
                 side.do_handshake()
-            except SSL.WantReadError:
+            except ssl.SSLWantReadError:
                 pass
-            except SSL.Error:
-                return server_connection
-            try:
-                other.bio_write(side.bio_read(65536))
-            except SSL.WantReadError:
-                pass
-    return server_connection
+            except ssl.SSLCertVerificationError as error:
+                error.peer_certificate = None
+                der = getattr(side, "peer_certificate_der", None)
+                if der:
+                    from OpenSSL import crypto
+                    error.peer_certificate = crypto.load_certificate(crypto.FILETYPE_ASN1, der)
+                return error
+            except ssl.SSLError as error:
+                return error
+            incoming.write(outgoing.read())
+    return None
 
 
 @pytest.mark.parametrize("issue, failure", [
@@ -263,7 +279,8 @@ def handshake(credentials, client=None):
     ("revoked", "certificate revoked (O=AG Projects, CN=intruder)"),
     ("other CA", "certificate not signed by our CA (O=Elsewhere, CN=intruder)"),
 ])
-def test_why_a_peer_certificate_was_rejected_at_the_handshake_is_remembered(certs, tmp_path, issue, failure):
+def test_why_a_peer_certificate_was_rejected_at_the_handshake_is_told_with_its_subject(certs, tmp_path, issue,
+                                                                                        failure):
     credentials = Credentials(str(certs.path), "dispatcher")
     clients = tmp_path / "clients"
     if issue == "other CA":
@@ -274,29 +291,47 @@ def test_why_a_peer_certificate_was_rejected_at_the_handshake_is_remembered(cert
         certs.revoke(client)
     else:
         client = certs.ca.issue("c", "intruder", directory=clients, **issue)
-    assert credentials.verify_failure(handshake(credentials, client)) == failure
+    assert handshake_failure_text(Failure(handshake(credentials, client))) == failure
 
 
 def test_an_expired_crl_is_named_as_the_reason(certs):
     certs.ca.write_crl(certs.path, last_update=ago(days=10), next_update=ago(days=1))
     credentials = Credentials(str(certs.path), "dispatcher")
-    assert credentials.verify_failure(handshake(credentials, certs.relay)) \
+    assert handshake_failure_text(Failure(handshake(credentials, certs.relay))) \
         == "crl.pem expired (O=AG Projects, CN=relay1.example.com)"
 
 
-def test_a_good_peer_certificate_leaves_no_failure(certs):
-    credentials = Credentials(str(certs.path), "dispatcher")
-    assert credentials.verify_failure(handshake(credentials, certs.relay)) == ""
-    assert credentials.verify_failure(None) == ""
+def test_a_good_peer_certificate_passes(certs):
+    assert handshake(Credentials(str(certs.path), "dispatcher"), certs.relay) is None
 
 
-def test_what_a_failed_handshake_says():
+def test_a_peer_without_certificate_is_refused(certs):
+    error = handshake(Credentials(str(certs.path), "dispatcher"), None)
+    assert handshake_failure_text(Failure(error)) == "peer did not return a certificate"
+
+
+def test_what_a_failed_handshake_says(certs):
     from twisted.internet.error import ConnectionDone, ConnectionLost
-    from twisted.python.failure import Failure
-    assert handshake_failure_text(Failure(SSL.Error([("SSL routines", "", "wrong version number")]))) \
-        == "wrong version number"
+    server = Credentials(str(certs.path), "dispatcher").ssl_context(True)
+    for sent, said in ((b"\x00" * 64, "wrong version number"), (b"GET / HTTP/1.1\r\n\r\n", "http request")):
+        incoming = ssl.MemoryBIO()
+        incoming.write(sent)
+        with pytest.raises(ssl.SSLError) as error:
+            server.wrap_bio(incoming, ssl.MemoryBIO(), server_side=True).do_handshake()
+        assert handshake_failure_text(Failure(error.value)) == said
     for error in (ConnectionDone(), ConnectionLost()):
         assert handshake_failure_text(Failure(error)) == "connection closed before the handshake ended"
+
+
+def test_the_first_certificate_of_a_certificate_message():
+    der = b"\x30\x82" + b"x" * 20
+    entry = len(der).to_bytes(3, "big") + der
+    tls12 = b"\x0b\x00\x00\x00" + (len(entry) + 3).to_bytes(3, "big") + entry + b"\x00\x00\x03abc"
+    assert first_certificate(tls12, tls13=False) == der
+    tls13 = b"\x0b\x00\x00\x00" + b"\x00" + (len(entry) + 2).to_bytes(3, "big") + entry + b"\x00\x00"
+    assert first_certificate(tls13, tls13=True) == der
+    assert first_certificate(b"\x0b\x00\x00\x00\x00\x00\x00\x00", tls13=True) is None     # no certificate
+    assert first_certificate(tls12[:20], tls13=False) is None                              # cut short
 
 
 class Factory:
@@ -345,13 +380,11 @@ def test_a_finished_handshake_stops_the_handshake_timeout(certs):
 
 
 def test_a_failed_handshake_is_one_line_naming_the_certificates_fault(certs, tmp_path, caplog):
-    from twisted.python.failure import Failure
     credentials = Credentials(str(certs.path), "dispatcher")
     expired = certs.ca.issue("c", "intruder", directory=tmp_path / "clients", not_before=ago(days=10),
                              not_after=ago(days=1))
     peer = connected(credentials)
-    peer.transport.handle = handshake(credentials, expired)
-    peer.connectionLost(Failure(SSL.Error([("SSL routines", "", "certificate verify failed")])))
+    peer.connectionLost(Failure(handshake(credentials, expired)))
     assert warnings_of(caplog) == [
         "TLS handshake with relay 192.168.1.1 failed: certificate expired (O=AG Projects, CN=intruder)"]
     assert peer.clock.getDelayedCalls() == []
