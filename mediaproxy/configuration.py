@@ -61,6 +61,26 @@ def parse_ip_address(text: str) -> Optional[str]:
     return str(ipaddress.ip_address(text))
 
 
+def parse_relay_addresses(text: str) -> Optional[str]:
+    """At most one IPv4 and one IPv6 address, comma separated: their canonical text, IPv4 first
+    (a single address reads as itself), or None when empty. `addresses_by_version` reads it."""
+    by_version = {}
+    for item in text.replace(",", " ").split():
+        address = ipaddress.ip_address(item)
+        if address.version in by_version:
+            raise ValueError("more than one IPv%d address (one of each family at most)" % address.version)
+        by_version[address.version] = str(address)
+    return ", ".join(by_version[version] for version in sorted(by_version)) or None
+
+
+def addresses_by_version(text: Optional[str]) -> dict:
+    """{4: IPv4 address, 6: IPv6 address} of a parse_relay_addresses value (either may be missing)."""
+    by_version = {}
+    for item in (text or "").replace(",", " ").split():
+        by_version[ipaddress.ip_address(item).version] = item
+    return by_version
+
+
 def parse_listen_address(default_port: int):
     def parse(text: str):
         host, port = split_host_port(text.strip(), default_port)
@@ -220,8 +240,8 @@ class DispatcherConfig:
 @dataclass(frozen=True)
 class RelayConfig:
     dispatchers: tuple = option(parse_host_list, ())
-    relay_ip: Optional[str] = option(parse_ip_address, None)
-    advertised_ip: Optional[str] = option(parse_ip_address, None)
+    relay_ip: Optional[str] = option(parse_relay_addresses, None)          # see relay_addresses
+    advertised_ip: Optional[str] = option(parse_relay_addresses, None)
     port_range: tuple = option(parse_port_range, (40000, 60000))
     stream_timeout: float = option(parse_positive_number, 90)
     on_hold_timeout: float = option(parse_positive_number, 7200)
@@ -238,6 +258,15 @@ class RelayConfig:
     conntrack_mark: int = option(parse_mark, 0x4D50)
     keep_calls_on_restart: bool = option(parse_boolean, True)
     log_level: int = option(parse_log_level, logging.INFO)
+
+    @property
+    def relay_addresses(self) -> dict:
+        """The configured relay addresses by IP version ({} when unset: the relay finds them)."""
+        return addresses_by_version(self.relay_ip)
+
+    @property
+    def advertised_addresses(self) -> dict:
+        return addresses_by_version(self.advertised_ip)
 
 
 @dataclass(frozen=True)

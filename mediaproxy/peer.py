@@ -19,6 +19,12 @@ log = logging.getLogger("mediaproxy.tls")
 HANDSHAKE_TIMEOUT = 10     # seconds; [TLS] handshake_timeout when the factory carries it
 
 
+def unmapped(ip: str) -> str:
+    """An IPv4 peer of a socket listening on [::] shows as ::ffff:a.b.c.d; it is a.b.c.d to the
+    operator (media_relay, drain, logs) as on an IPv4 socket."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
 @implementer(IHandshakeListener)
 class VerifiedPeerProtocol(Protocol):
     """Base of protocols on mutually authenticated TLS connections.
@@ -42,7 +48,7 @@ class VerifiedPeerProtocol(Protocol):
 
     @property
     def peer_ip(self) -> str:
-        return self.transport.getPeer().host
+        return unmapped(self.transport.getPeer().host)
 
     def connectionMade(self):
         # A peer that connects and never finishes the handshake (or never speaks)
@@ -110,6 +116,6 @@ class VerifiedPeerProtocol(Protocol):
 
     def _peer_or_unknown(self):
         try:
-            return self.transport.getPeer().host
+            return unmapped(self.transport.getPeer().host)
         except Exception:
             return "(unknown)"

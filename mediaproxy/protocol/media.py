@@ -10,6 +10,7 @@ from typing import Mapping, Optional
 from mediaproxy.protocol.framing import is_number
 
 DIRECTIONS = frozenset(["sendrecv", "sendonly", "recvonly", "inactive"])
+HOLD_ADDRESSES = frozenset(["0.0.0.0", "::"])
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 MAX_STREAMS = 32
 
@@ -33,7 +34,11 @@ class MediaDescription:
 
     @property
     def on_hold(self) -> bool:
-        return self.ip in ("0.0.0.0", "::") or self.direction in ("sendonly", "inactive")
+        return self.ip in HOLD_ADDRESSES or self.direction in ("sendonly", "inactive")
+
+    @property
+    def ip_version(self) -> int:
+        return 6 if ":" in self.ip else 4
 
     @property
     def ice(self) -> bool:
@@ -81,6 +86,22 @@ def parse_stream(text: str) -> MediaDescription:
     if not is_number(port_text) or not 0 <= int(port_text) <= 65535:
         raise MediaError("bad media port %r" % port_text[:20])
     return MediaDescription(media_type.lower(), ip, int(port_text), direction, parameters)
+
+
+def streams_ip_version(streams, count_hold: bool = True) -> Optional[int]:
+    """The IP version (4 or 6) of the SDP addresses of a `media` header's enabled streams: of
+    their addresses, else (with count_hold) of their hold addresses (0.0.0.0 is IPv4, :: IPv6);
+    None when no enabled stream names one. The relay answers all the streams with one address,
+    so streams of both versions are a MediaError."""
+    versions, hold_versions = set(), set()
+    for media in streams:
+        if not media.disabled:
+            (hold_versions if media.ip in HOLD_ADDRESSES else versions).add(media.ip_version)
+    if not versions and count_hold:
+        versions = hold_versions
+    if len(versions) > 1:
+        raise MediaError("the streams mix IPv4 and IPv6 addresses (a relay does not bridge them)")
+    return next(iter(versions), None)
 
 
 def parse_media(value: str) -> tuple:

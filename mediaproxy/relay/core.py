@@ -10,8 +10,9 @@ import json
 import logging
 
 from mediaproxy import __version__
+from mediaproxy.protocol.media import MediaError, streams_ip_version
 from mediaproxy.protocol.proxy import RequestError, parse_remove, parse_update
-from mediaproxy.relay.forwarding import Forwarding, PortUnavailable
+from mediaproxy.relay.forwarding import Forwarding, PortUnavailable, addresses_by_version, primary_version
 from mediaproxy.relay.ports import PortPool, PortsExhausted
 from mediaproxy.relay.session import Session, session_from_state, session_state
 from mediaproxy.relay.statistics import relay_summary, session_statistics
@@ -40,11 +41,37 @@ def _may_time_out(session, recent: float) -> bool:
     return not live
 
 
+class _VersionedAllocator:
+    """The relay as a session's StreamAllocator: its streams' ports open on the relay's address
+    of the session's IP version."""
+
+    __slots__ = ("core", "ip_version")
+
+    def __init__(self, core, ip_version):
+        self.core, self.ip_version = core, ip_version
+
+    def open_stream(self, media_type: str, now: float) -> MediaStream:
+        return self.core.open_stream(media_type, now, self.ip_version)
+
+    def close_stream(self, stream: MediaStream, status: str, now: float) -> None:
+        self.core.close_stream(stream, status, now)
+
+
 class RelayCore:
-    def __init__(self, advertised_ip: str, ports: PortPool, forwarding: Forwarding, now: float,
+    """`advertised_ip`: what replies announce, one address or one per IP version ({4: ..., 6: ...});
+    a session is relayed on the relay's address of its SDP's version, and an offer of a version
+    the relay has no address of is refused."""
+
+    def __init__(self, advertised_ip, ports: PortPool, forwarding: Forwarding, now: float,
                  routable=lambda ip: True, version: str = __version__, stream_timeout: float = 90,
                  on_hold_timeout: float = 7200, relatch_after: float = None):
-        self.advertised_ip = advertised_ip
+        self.advertised_ips = addresses_by_version(advertised_ip)
+        self.main_version = primary_version(self.advertised_ips)
+        self.advertised_ip = self.advertised_ips[self.main_version]
+        # the main version's streams are opened without one: forwardings (and test doubles) that
+        # know a single address need not know about versions
+        self._allocators = {v: _VersionedAllocator(self, None if v == self.main_version else v)
+                            for v in self.advertised_ips}
         self.ports = ports
         self.forwarding = forwarding
         # asked for the SDP address of every packet until a party latches: remembered
@@ -81,7 +108,7 @@ class RelayCore:
                 return json.dumps([{"call_id": s.call_id, "from_tag": s.from_tag, "to_tag": s.to_tag,
                                     "dialog_id": s.dialog_id} for s in mine])
             self.forwarding.refresh_counters()
-            return json.dumps([session_statistics(s, self.advertised_ip, now) for s in mine])
+            return json.dumps([session_statistics(s, self.advertised_ips[s.ip_version], now) for s in mine])
         return "error"
 
     def update(self, headers, now: float, owner: str = None) -> str:
@@ -98,10 +125,15 @@ class RelayCore:
             if self.halting:
                 log.info("refused new session %s: shutting down", request.call_id)
                 return "halting"
+        ip_version = self._ip_version(request, session)
+        if ip_version is None:
+            return "error"
+        if is_new:
             session = Session(request.call_id, request.from_tag, now)
             session.owner = owner
+            session.ip_version = ip_version
         try:
-            ports = session.update(request, self, now)
+            ports = session.update(request, self._allocators[ip_version], now)
         except PortsExhausted as e:
             log.error("no ports for session %s: %s", request.call_id, e)
             if is_new:
@@ -111,7 +143,30 @@ class RelayCore:
             self.sessions[request.call_id] = session
             log.info("session %s created (%s)", request.call_id,
                      ", ".join(stream.media_type for stream in session.active_streams) or "no streams")
-        return " ".join([self.advertised_ip] + [str(port) for port in ports])
+        return " ".join([self.advertised_ips[ip_version]] + [str(port) for port in ports])
+
+    def _ip_version(self, request, session):
+        """The IP version of the update's session, or None (logged) when it cannot be relayed: a
+        version the relay has no address of, or another one than the session's (no bridging).
+        A hold address (0.0.0.0, ::) decides the version of a new session only."""
+        try:
+            version = streams_ip_version(request.media or (), count_hold=session is None)
+        except MediaError as e:
+            log.error("session %s refused: %s", request.call_id, e)
+            return None
+        if session is not None:
+            if version is not None and version != session.ip_version:
+                log.error("session %s: refused an IPv%d %s in an IPv%d session: the relay does not bridge IPv4 "
+                          "and IPv6", request.call_id, version, "request" if request.is_request else "reply",
+                          session.ip_version)
+                return None
+            return session.ip_version
+        version = version or self.main_version          # no enabled stream: nothing is opened anyway
+        if version not in self.advertised_ips:
+            log.error("session %s refused: its SDP is IPv%d and the relay has no IPv%d address (relay_ip)",
+                      request.call_id, version, version)
+            return None
+        return version
 
     def remove(self, headers, now: float) -> str:
         try:
@@ -125,7 +180,7 @@ class RelayCore:
             return "error"
         session.close(self, now)
         log.info("session %s removed", request.call_id)
-        return json.dumps(session_statistics(session, self.advertised_ip, now))
+        return json.dumps(session_statistics(session, self.advertised_ips[session.ip_version], now))
 
     def summary(self, now: float) -> dict:
         summary = relay_summary(self, now)
@@ -151,7 +206,7 @@ class RelayCore:
         del self.sessions[session.call_id]
         session.close(self, now)
         log.info("session %s expired", session.call_id)
-        return session.owner, session_statistics(session, self.advertised_ip, now)
+        return session.owner, session_statistics(session, self.advertised_ips[session.ip_version], now)
 
     def check_timeouts(self, now: float) -> list:
         """End the streams silent for too long; (owner, statistics) of each session that ended with them."""
@@ -174,7 +229,8 @@ class RelayCore:
                     del self.sessions[session.call_id]
                     session.close(self, now)
                     log.info("session %s expired: it has no streams", session.call_id)
-                    expired.append((session.owner, session_statistics(session, self.advertised_ip, now)))
+                    expired.append((session.owner, session_statistics(
+                        session, self.advertised_ips[session.ip_version], now)))
         return expired
 
     def close_all(self, now: float) -> None:
@@ -198,6 +254,10 @@ class RelayCore:
             except (KeyError, TypeError, ValueError, IndexError) as e:
                 log.error("session %s could not be restored: %r", data.get("call_id"), e)
                 continue
+            if session.ip_version not in self.advertised_ips:
+                log.error("session %s could not be restored: it is IPv%d and the relay has no IPv%d address now",
+                          session.call_id, session.ip_version, session.ip_version)
+                continue
             if session.call_id not in self.sessions:
                 sessions.append(session)
         live = [stream for session in sessions for stream in session.all_streams if not stream.ended]
@@ -208,19 +268,19 @@ class RelayCore:
                 if not stream.ended:
                     stream.listener = self.forwarding
                     stream.relatch_after = self.relatch_after      # this run's configuration
-                    self._reopen(stream, refused, opened, now)
+                    self._reopen(stream, refused, opened, now, self._allocators[session.ip_version].ip_version)
             self.sessions[session.call_id] = session
             log.info("session %s restored (%s)", session.call_id,
                      ", ".join(stream.media_type for stream in session.active_streams) or "no streams")
         return sessions
 
-    def _reopen(self, stream: MediaStream, refused: set, opened: set, now: float) -> None:
+    def _reopen(self, stream: MediaStream, refused: set, opened: set, now: float, ip_version=None) -> None:
         mine = []
         try:
             for leg in stream.legs:
                 if leg.port in refused or leg.port in opened:
                     raise PortUnavailable(leg.port)
-                self.forwarding.open(leg.port, leg)
+                self._open(leg.port, leg, ip_version)
                 opened.add(leg.port)
                 mine.append(leg.port)
         except (PortUnavailable, OSError) as e:
@@ -247,14 +307,15 @@ class RelayCore:
 
     # StreamAllocator, used by Session.
 
-    def open_stream(self, media_type: str, now: float) -> MediaStream:
+    def open_stream(self, media_type: str, now: float, ip_version: int = None) -> MediaStream:
+        """A stream with its two port pairs open on the relay's address of `ip_version` (None: the main one)."""
         stream = MediaStream(media_type, 0, 0, now, self.routable, self.relatch_after)
         stream.listener = self.forwarding
         bound = []
         try:
             for party in (CALLER, CALLEE):
                 leg = stream.leg(party)
-                leg.port = self._bind(stream, party)
+                leg.port = self._bind(stream, party, ip_version)
                 bound.append(leg.port)
         except PortsExhausted:
             for port in bound:
@@ -263,12 +324,18 @@ class RelayCore:
             raise
         return stream
 
-    def _bind(self, stream: MediaStream, party: str) -> int:
+    def _open(self, port: int, receiver, ip_version) -> None:
+        if ip_version is None:
+            self.forwarding.open(port, receiver)
+        else:
+            self.forwarding.open(port, receiver, ip_version)
+
+    def _bind(self, stream: MediaStream, party: str, ip_version=None) -> int:
         receiver = stream.leg(party)       # a leg is its party's packet path
         for _ in range(MAX_BIND_ATTEMPTS):
             port = self.ports.allocate()
             try:
-                self.forwarding.open(port, receiver)
+                self._open(port, receiver, ip_version)
             except PortUnavailable:
                 log.warning("port pair %d/%d is in use by another program: set aside", port, port + 1)
                 self.ports.set_aside(port)

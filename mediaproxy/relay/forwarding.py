@@ -8,12 +8,30 @@ as (out_port, destination), or None to drop it. Implementations: user space
 in-memory one below for tests.
 """
 
-from typing import Callable, Optional, Protocol, Tuple
+from typing import Callable, Mapping, Optional, Protocol, Tuple, Union
 
 from mediaproxy.relay.streams import StreamListener
 
 Address = Tuple[str, int]
 Receiver = Callable[[int, Address, bytes, float], Optional[Tuple[int, Address]]]
+
+
+def ip_version(ip: str) -> int:
+    """4 or 6: the IP version of an address's text (callers pass canonical addresses)."""
+    return 6 if ":" in ip else 4
+
+
+def addresses_by_version(addresses: Union[str, Mapping[int, str]]) -> dict:
+    """{4: IPv4 address, 6: IPv6 address} of one address or of such a mapping."""
+    if isinstance(addresses, str):
+        return {ip_version(addresses): addresses}
+    return dict(addresses)
+
+
+def primary_version(addresses: Mapping[int, str]) -> int:
+    """The version of the relay's main address (IPv4 when it has one): the summary's `ip`,
+    the pairs opened without a version."""
+    return 4 if 4 in addresses else 6
 
 
 class PortUnavailable(Exception):
@@ -23,8 +41,9 @@ class PortUnavailable(Exception):
 class Forwarding(Protocol):
     """Also a StreamListener: told when sub-streams latch, to hand them to the kernel."""
 
-    def open(self, port: int, receiver: Receiver) -> None:
-        """Bind the pair port/port+1 and deliver its packets to receiver; raises PortUnavailable."""
+    def open(self, port: int, receiver: Receiver, ip_version: Optional[int] = None) -> None:
+        """Bind the pair port/port+1 on the relay's address of that IP version (None: its main
+        one) and deliver its packets to receiver; raises PortUnavailable."""
 
     def close(self, port: int) -> None:
         """Release the pair (and whatever the kernel forwards for it); unknown ports are ignored."""
@@ -48,16 +67,19 @@ class MemoryForwarding(StreamListener):
 
     def __init__(self, unavailable=()):
         self.receivers = {}
+        self.versions = {}           # even port -> the IP version it was opened for (None: the main one)
         self.sent = []
         self.unavailable = set(unavailable)
 
-    def open(self, port: int, receiver: Receiver) -> None:
+    def open(self, port: int, receiver: Receiver, ip_version: Optional[int] = None) -> None:
         if port in self.unavailable or port in self.receivers:
             raise PortUnavailable(port)
         self.receivers[port] = receiver
+        self.versions[port] = ip_version
 
     def close(self, port: int) -> None:
         self.receivers.pop(port, None)
+        self.versions.pop(port, None)
 
     def refresh_counters(self) -> None:
         pass

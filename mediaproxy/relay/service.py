@@ -9,6 +9,7 @@ from twisted.application import internet, service
 
 from mediaproxy.relay.core import RelayCore
 from mediaproxy.relay.dispatchers import DispatcherLinkFactory, DispatcherPool
+from mediaproxy.relay.forwarding import ip_version, primary_version
 from mediaproxy.relay.kernel.adoption import saved_flows
 from mediaproxy.relay.kernel.forwarding import KernelForwarding
 from mediaproxy.relay.kernel.setup import KernelUnavailable, start_kernel_path
@@ -28,17 +29,51 @@ class StartupError(Exception):
     pass
 
 
-def default_route_ip() -> str:
-    """The local address of the default route: a UDP connect only looks the route up, it sends nothing."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def default_route_addresses() -> dict:
+    """The local addresses of the default routes by IP version: IPv4, and IPv6 when the host has
+    an IPv6 default route (and an address on it that is not link-local). A UDP connect only
+    looks the route up, it sends nothing."""
+    addresses = {}
+    for version, family, probe in ((4, socket.AF_INET, "192.0.2.1"), (6, socket.AF_INET6, "2001:db8::1")):
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError:                 # no IPv6 in this kernel
+            continue
+        try:
+            sock.connect((probe, 9))    # looks the route up, sends nothing
+            ip = sock.getsockname()[0]
+        except OSError:
+            continue
+        finally:
+            sock.close()
+        address = ipaddress.ip_address(ip)
+        if not (address.is_link_local or address.is_loopback or address.is_unspecified):
+            addresses[version] = str(address)
+    if not addresses:
+        raise StartupError("there is no default route to take the relay's address from: set [Relay] relay_ip")
+    return addresses
+
+
+def _is_ip(host: str) -> bool:
     try:
-        probe.connect(("192.0.2.1", 9))
-        return probe.getsockname()[0]
-    except OSError:
-        raise StartupError("there is no default route to take the relay's address from: "
-                           "set [Relay] relay_ip") from None
-    finally:
-        probe.close()
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def dispatcher_link_source(relay_addresses: dict, dispatchers) -> str:
+    """The relay address the links to the dispatchers leave from (the dispatchers know a relay by
+    it), or None to let the routes choose: when relay_ip is not set, or the dispatchers' IP
+    version is not known in advance (names) and the relay has addresses of both."""
+    if not relay_addresses:
+        return None
+    if all(_is_ip(host) for host, _ in dispatchers):
+        versions = {ip_version(str(ipaddress.ip_address(host))) for host, _ in dispatchers}
+        if len(versions) == 1:
+            return relay_addresses.get(versions.pop())
+        return None
+    return next(iter(relay_addresses.values())) if len(relay_addresses) == 1 else None
 
 
 def routable_predicate(private_ranges):
@@ -56,23 +91,33 @@ class RelayService(service.MultiService):
         self.configuration = configuration
         if not config.dispatchers:
             raise StartupError("no dispatchers to connect to: set [Relay] dispatchers")
-        self.relay_ip = config.relay_ip or default_route_ip()
-        advertised_ip = config.advertised_ip or self.relay_ip
-        # what saved calls must have been saved with to be restored (their ports, entries)
-        self.setup = {"relay_ip": self.relay_ip, "advertised_ip": advertised_ip,
+        self.relay_addresses = config.relay_addresses or default_route_addresses()
+        self.relay_ip = self.relay_addresses[primary_version(self.relay_addresses)]
+        advertised = dict(self.relay_addresses)
+        for version, ip in config.advertised_addresses.items():
+            if version not in self.relay_addresses:
+                raise StartupError("config.ini: [Relay] advertised_ip = %r: the relay has no IPv%d address to announce "
+                                   "as %s (its addresses: %s)" % (config.advertised_ip, version, ip,
+                                                                  ", ".join(self.relay_addresses.values())))
+            advertised[version] = ip
+        # what saved calls must have been saved with to be restored (their ports, entries); an
+        # IPv4-only relay's setup is what it was before IPv6 (see state.ADDED_LATER)
+        self.setup = {"relay_ip": self.relay_addresses.get(4), "advertised_ip": advertised.get(4),
                       "port_range": list(config.port_range), "conntrack_mark": config.conntrack_mark}
+        if 6 in self.relay_addresses:
+            self.setup.update(relay_ip6=self.relay_addresses[6], advertised_ip6=advertised[6])
         self.state_path = configuration.runtime_path(STATE_FILE)
         # no stream waits longer than this without traffic: an older file holds only ended calls
         max_age = max(config.stream_timeout, config.on_hold_timeout)
         saved = load_state(self.state_path, self.setup, reactor.seconds(), max_age)
-        keep = saved_flows(saved.kernel_entries, self.relay_ip) if saved is not None else frozenset()
+        keep = saved_flows(saved.kernel_entries, self.relay_addresses) if saved is not None else frozenset()
         try:
             self.forwarding = self._make_forwarding(config, reactor, keep)
         except StartupError:
             if saved is not None:
                 save_state(self.state_path, saved)      # for a start that gets further
             raise
-        self.core = RelayCore(advertised_ip, PortPool(*config.port_range), self.forwarding, reactor.seconds(),
+        self.core = RelayCore(advertised, PortPool(*config.port_range), self.forwarding, reactor.seconds(),
                               routable_predicate(config.routable_private_ranges),
                               stream_timeout=config.stream_timeout, on_hold_timeout=config.on_hold_timeout,
                               relatch_after=None if config.strict_source else config.relatch_after)
@@ -85,7 +130,8 @@ class RelayService(service.MultiService):
                                         config.keepalive_interval, reactor, config.verify_dispatcher_names)
         factory.handshake_timeout = configuration.tls.handshake_timeout      # read by mediaproxy.peer
         self.pool = DispatcherPool(config.dispatchers, factory, self.credentials,
-                                   config.relay_ip, reactor, config.reconnect_delay, config.dns_check_interval)
+                                   dispatcher_link_source(config.relay_addresses, config.dispatchers), reactor,
+                                   config.reconnect_delay, config.dns_check_interval)
         self.pool.setServiceParent(self)
         sampler = internet.TimerService(config.traffic_sampling_period, self._sample_traffic)
         sampler.clock = reactor
@@ -95,18 +141,32 @@ class RelayService(service.MultiService):
         timeouts.setServiceParent(self)
 
     def _make_forwarding(self, config, reactor, keep):
+        addresses = self.relay_addresses
         if config.kernel_forwarding == "no":
             log.info("kernel forwarding is off (kernel_forwarding = no): media is relayed in user space")
-            return UserspaceForwarding(self.relay_ip, reactor)
+            return UserspaceForwarding(addresses, reactor)
         try:
-            table, events = start_kernel_path(self.relay_ip, config.conntrack_mark, config.port_range, keep)
+            table, events = start_kernel_path(addresses, config.conntrack_mark, config.port_range, keep)
         except KernelUnavailable as e:
             if config.kernel_forwarding == "yes":
                 raise StartupError("the kernel path is required (kernel_forwarding = yes) but %s" % e) from None
             log.warning("kernel forwarding unavailable, media is relayed in user space: %s", e)
-            return UserspaceForwarding(self.relay_ip, reactor)
-        log.info("kernel forwarding on: running streams are relayed by conntrack (mark %#x)", config.conntrack_mark)
-        forwarding = KernelForwarding(self.relay_ip, reactor, table, events, config.port_range)
+            return UserspaceForwarding(addresses, reactor)
+        # kernel_forwarding = yes holds for the versions of relay_ip (an IPv6 address found by
+        # itself on a dual-stack host does not stop a relay that was set up for IPv4)
+        required = set(config.relay_addresses) or {primary_version(addresses)}
+        for version, reason in sorted(table.unavailable.items()):
+            if config.kernel_forwarding == "yes" and version in required:
+                table.netlink.close()
+                events.close()
+                raise StartupError("the kernel path is required (kernel_forwarding = yes) but for IPv%d %s"
+                                   % (version, reason))
+            log.warning("kernel forwarding unavailable for IPv%d, its media is relayed in user space: %s",
+                        version, reason)
+        log.info("kernel forwarding on%s: running streams are relayed by conntrack (mark %#x)",
+                 " for IPv%s" % " and IPv".join(map(str, sorted(table.versions))) if len(addresses) > 1 else "",
+                 config.conntrack_mark)
+        forwarding = KernelForwarding(addresses, reactor, table, events, config.port_range)
         forwarding.on_expired = self._stream_expired
         return forwarding
 
@@ -137,8 +197,8 @@ class RelayService(service.MultiService):
     def startService(self):
         super().startService()
         low, high = self.configuration.relay.port_range
-        log.info("relaying media on %s (announced as %s), ports %d-%d", self.relay_ip,
-                 self.core.advertised_ip, low, high - 1)
+        log.info("relaying media on %s (announced as %s), ports %d-%d", ", ".join(self.relay_addresses.values()),
+                 ", ".join(self.core.advertised_ips.values()), low, high - 1)
 
     def _sample_traffic(self):
         started = time.perf_counter()

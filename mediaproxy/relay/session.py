@@ -32,7 +32,7 @@ class StreamAllocator(Protocol):
 class Session:
     # a relay holds one per call: no __dict__
     __slots__ = ("call_id", "from_tag", "to_tag", "from_uri", "to_uri", "caller_ua", "callee_ua", "username",
-                 "dialog_id", "owner", "created", "start_time", "end_time", "streams", "all_streams",
+                 "dialog_id", "owner", "ip_version", "created", "start_time", "end_time", "streams", "all_streams",
                  "_transaction", "_offerer", "_last_cseq_caller", "_last_cseq_callee")
 
     def __init__(self, call_id: str, from_tag: str, now: float):
@@ -46,6 +46,7 @@ class Session:
         self.username = None
         self.dialog_id = None
         self.owner = None                 # the dispatcher that created the session
+        self.ip_version = 4               # of its streams' addresses and the relay's (never mixed)
         self.created = now
         self.start_time = None            # when the first answer arrived
         self.end_time = None
@@ -191,6 +192,7 @@ def session_state(session: Session) -> dict:
     data = {name: getattr(session, name) for name in _SESSION_FIELDS}
     data["transaction"] = list(session._transaction) if session._transaction is not None else None
     data["offerer"] = session._offerer
+    data["ip_version"] = session.ip_version
     data["last_cseq"] = [session._last_cseq_caller, session._last_cseq_callee]
     data["all_streams"] = [_stream_state(stream) for stream in session.all_streams]
     index = {id(stream): n for n, stream in enumerate(session.all_streams)}
@@ -217,6 +219,9 @@ def session_from_state(data: dict, routable) -> Session:
     transaction = data["transaction"]
     session._transaction = (transaction[0], int(transaction[1])) if transaction is not None else None
     session._offerer = data["offerer"]
+    session.ip_version = int(data.get("ip_version", 4))         # (files of relays before IPv6: IPv4)
+    if session.ip_version not in (4, 6):
+        raise ValueError("IP version %r" % session.ip_version)
     session._last_cseq_caller, session._last_cseq_callee = (int(cseq) for cseq in data["last_cseq"])
     session.all_streams = [_stream_from_state(item, session.call_id, routable) for item in data["all_streams"]]
     session.streams = [session.all_streams[n] if n is not None else None for n in data["streams"]]

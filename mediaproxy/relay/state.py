@@ -33,6 +33,11 @@ class RelayState:
     saved_at: float = 0.0
 
 
+# Setup keys newer than some state files: a file without them was saved by a relay without
+# them (no IPv6 address, so no IPv6 calls), and its calls apply to one that has them.
+ADDED_LATER = frozenset(["relay_ip6", "advertised_ip6"])
+
+
 class StaleState(ValueError):
     """A readable state file that does not apply to this run."""
 
@@ -63,8 +68,9 @@ def decode_state(text: str) -> RelayState:
 
 def check_applies(state: RelayState, setup: dict, now: float, max_age: float) -> None:
     """Raise StaleState when the saved calls cannot be this run's."""
-    if state.setup != setup:
-        changed = sorted(key for key in set(state.setup) | set(setup) if state.setup.get(key) != setup.get(key))
+    keys = set(state.setup) | (set(setup) - ADDED_LATER)
+    changed = sorted(key for key in keys if state.setup.get(key) != setup.get(key))
+    if changed:
         raise StaleState("it was saved with another %s" % ", ".join(changed))
     age = now - state.saved_at
     if age > max_age:

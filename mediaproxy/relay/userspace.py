@@ -18,7 +18,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
-from mediaproxy.relay.forwarding import PortUnavailable
+from mediaproxy.relay.forwarding import PortUnavailable, addresses_by_version, primary_version
 from mediaproxy.relay.streams import StreamListener
 
 log = logging.getLogger("mediaproxy.relay")
@@ -33,14 +33,15 @@ class MediaPort:
 
     __slots__ = ("socket", "fileno", "forwarding", "component", "receiver", "ipv6")
 
-    def __init__(self, forwarding, port: int, receiver):
-        self.ipv6 = ":" in forwarding.ip
+    def __init__(self, forwarding, port: int, receiver, ip: str = None):
+        ip = ip or forwarding.ip
+        self.ipv6 = ":" in ip
         sock = socket.socket(AF_INET6 if self.ipv6 else AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.bind((forwarding.ip, port))
+            sock.bind((ip, port))
         except OSError as e:
             sock.close()
-            raise CannotListenError(forwarding.ip, port, e) from None
+            raise CannotListenError(ip, port, e) from None
         sock.setblocking(False)
         self.socket = sock
         self.fileno = sock.fileno
@@ -107,8 +108,15 @@ class MediaPort:
 
 
 class UserspaceForwarding(StreamListener):
-    def __init__(self, ip: str, reactor):
-        self.ip = ip
+    """`ip`: the relay's address, or its addresses by IP version ({4: ..., 6: ...}); a pair is
+    opened on the address of the version its stream has (IPv4 and IPv6 are never bridged)."""
+
+    def __init__(self, ip, reactor):
+        self.ips = addresses_by_version(ip)
+        self.main_version = primary_version(self.ips)
+        self.ip = self.ips[self.main_version]
+        # even port -> IP version of the pairs not on the main address (a parked port reopens there)
+        self.other_version_pairs = {}
         self.clock = reactor
         self.reactor = reactor
         self.sockets = {}            # port -> MediaPort (both ports of each pair)
@@ -117,7 +125,11 @@ class UserspaceForwarding(StreamListener):
         self.packets_forwarded = 0
         self.bytes_forwarded = 0
 
-    def open(self, port: int, receiver) -> None:
+    def open(self, port: int, receiver, ip_version: int = None) -> None:
+        if ip_version is not None and ip_version != self.main_version:
+            if ip_version not in self.ips:
+                raise ValueError("the relay has no IPv%d address" % ip_version)
+            self.other_version_pairs[port] = ip_version
         opened = []
         try:
             for component in (0, 1):
@@ -125,20 +137,28 @@ class UserspaceForwarding(StreamListener):
         except CannotListenError:
             for listening in opened:
                 listening.stopListening()
+            self.other_version_pairs.pop(port, None)
             raise PortUnavailable(port) from None
         except OSError:                 # no descriptor or buffer left: the caller says so
             for listening in opened:
                 listening.stopListening()
+            self.other_version_pairs.pop(port, None)
             raise
         self.sockets[port], self.sockets[port + 1] = opened
         self.receivers[port] = receiver
 
     def listen(self, port: int, receiver) -> MediaPort:
-        """One socket of a pair; raises CannotListenError."""
-        return MediaPort(self, port, receiver)
+        """One socket of a pair, on the address of its pair's IP version; raises CannotListenError."""
+        version = self.other_version_pairs.get(port & ~1)
+        return MediaPort(self, port, receiver, self.ips[version] if version is not None else None)
+
+    def ip_of(self, port: int) -> str:
+        """The relay address the pair of `port` is open on."""
+        return self.ips[self.other_version_pairs.get(port & ~1, self.main_version)]
 
     def close(self, port: int) -> None:
         self.receivers.pop(port, None)
+        self.other_version_pairs.pop(port, None)
         for p in (port, port + 1):
             listening = self.sockets.pop(p, None)
             if listening is not None:

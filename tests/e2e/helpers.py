@@ -71,6 +71,7 @@ def start_kamailio(
     host: str = "proxy",
     dispatcher_socket: Path | None = None,
     timeout: float = 15.0,
+    listen_ip: str | None = None,
 ) -> Process:
     """Start Kamailio in the foreground in ``host``; return once it serves SIP.
 
@@ -80,14 +81,15 @@ def start_kamailio(
     """
     rundir = kamailio_rundir(workdir)
     rundir.mkdir(parents=True, exist_ok=True)
-    config = render_kamailio_cfg(rundir / "kamailio.cfg", topology.address(host), rundir, dispatcher_socket)
+    listen_ip = listen_ip or topology.address(host)       # an IPv6 one in brackets: [2001:db8:18::2]
+    config = render_kamailio_cfg(rundir / "kamailio.cfg", listen_ip, rundir, dispatcher_socket)
     process = topology.spawn(
         host,
         ["kamailio", "-DD", "-E", "-m", "64", "-M", "8", "-f", config, "-Y", rundir],
         name="kamailio",
     )
     try:
-        wait_for_udp_bound(topology.ns(host), SIP_PORT, topology.address(host), timeout=timeout)
+        wait_for_udp_bound(topology.ns(host), SIP_PORT, listen_ip, timeout=timeout)
         if dispatcher_socket is not None:
             wait_for_unix_connections(
                 topology.ns(host), dispatcher_socket, KAMAILIO_CHILDREN, peer_command="kamailio", timeout=timeout
@@ -174,8 +176,9 @@ def _sipp(
     extra: list[str],
     name: str,
     timeout: float,
+    address: str | None = None,
 ) -> UserAgent:
-    address = topology.address(host)
+    address = address or topology.address(host)
     workdir.mkdir(parents=True, exist_ok=True)
     messages = workdir / f"{name}-messages.log"
     errors = workdir / f"{name}-errors.log"
@@ -198,11 +201,14 @@ def _sipp(
     return UserAgent(process, messages, errors, host, address)
 
 
-def start_uas(topology: Topology, workdir: Path, host: str = "callee", timeout: float = 30.0) -> UserAgent:
-    """The answering sipp; returns once it listens for SIP."""
-    agent = _sipp(topology, host, workdir, UAS_SCENARIO, [], f"sipp-uas-{host}", timeout)
+def start_uas(
+    topology: Topology, workdir: Path, host: str = "callee", timeout: float = 30.0, address: str | None = None
+) -> UserAgent:
+    """The answering sipp (on ``address``, default the host's IPv4 one); returns once it listens for SIP."""
+    agent = _sipp(topology, host, workdir, UAS_SCENARIO, [], f"sipp-uas-{host}", timeout, address)
     try:
-        wait_for_udp_bound(topology.ns(host), SIP_PORT, agent.address, timeout=10)
+        bound = f"[{agent.address}]" if ":" in agent.address else agent.address
+        wait_for_udp_bound(topology.ns(host), SIP_PORT, bound, timeout=10)
     except AssertionError:
         agent.process.assert_running()
         raise
@@ -225,6 +231,25 @@ def start_uac(
         f"{topology.address(proxy)}:{SIP_PORT}",
     ]  # fmt: skip
     return _sipp(topology, host, workdir, UAC_SCENARIO, extra, f"sipp-uac-{host}", timeout)
+
+
+def start_uac6(
+    topology: Topology,
+    workdir: Path,
+    host: str = "caller",
+    proxy: str = "proxy",
+    callee: str = "callee",
+    duration_ms: int = 4000,
+    timeout: float = 30.0,
+) -> UserAgent:
+    """start_uac over IPv6: SIP and media on the hosts' IPv6 addresses (Topology.add_ipv6)."""
+    extra = [
+        "-key", "request_uri", f"sip:service@[{topology.address6(callee)}]:{SIP_PORT}",
+        "-d", str(duration_ms),
+        f"[{topology.address6(proxy)}]:{SIP_PORT}",
+    ]  # fmt: skip
+    return _sipp(topology, host, workdir, UAC_SCENARIO, extra, f"sipp-uac-{host}", timeout,
+                 topology.address6(host))
 
 
 _TRACE_HEADER = re.compile(

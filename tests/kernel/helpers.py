@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -96,9 +97,12 @@ class ConntrackEntry:
         )
 
 
-def conntrack_entries(topo: Topology, host: str = RELAY_HOST, mark: int = MARK) -> list[ConntrackEntry]:
-    """The UDP entries with ``mark`` in ``host``'s namespace (``conntrack -L -m MARK``)."""
-    output = topo.run(host, ["conntrack", "-L", "-p", "udp", "-m", hex(mark)]).stdout
+def conntrack_entries(
+    topo: Topology, host: str = RELAY_HOST, mark: int = MARK, family: str = "ipv4"
+) -> list[ConntrackEntry]:
+    """The UDP entries of ``family`` (ipv4 or ipv6) with ``mark`` in ``host``'s namespace
+    (``conntrack -L -f FAMILY -m MARK``)."""
+    output = topo.run(host, ["conntrack", "-L", "-f", family, "-p", "udp", "-m", hex(mark)]).stdout
     return [ConntrackEntry.parse(line) for line in output.splitlines() if "src=" in line]
 
 
@@ -108,10 +112,23 @@ def udp_listening_ports(topo: Topology, host: str = RELAY_HOST) -> set[int]:
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in output.splitlines() if line.strip()}
 
 
-def raw_rules(topo: Topology, host: str = RELAY_HOST) -> list[str]:
-    """The raw table's rules in ``host`` (``iptables-legacy -t raw -S``), policies left out."""
-    output = topo.run(host, ["iptables-legacy", "-t", "raw", "-S"]).stdout
+def raw_rules(topo: Topology, host: str = RELAY_HOST, command: str = "iptables-legacy") -> list[str]:
+    """The raw table's rules in ``host`` (``iptables-legacy -t raw -S``; ``ip6tables-legacy`` for
+    IPv6), policies left out."""
+    output = topo.run(host, [command, "-t", "raw", "-S"]).stdout
     return [line for line in output.splitlines() if line.startswith("-A ")]
+
+
+def ipset_members(topo: Topology, name: str, host: str = RELAY_HOST) -> list[str]:
+    """The members of the ipset ``name`` in ``host`` (read with pyroute2: no ipset tool here)."""
+    script = (
+        "import sys\nfrom pyroute2 import IPSet\nsets = IPSet()\n"
+        "for message in sets.list(sys.argv[1]):\n"
+        "    adt = message.get_attr('IPSET_ATTR_ADT')\n"
+        "    for data in (adt.get_attrs('IPSET_ATTR_DATA') if adt else []):\n"
+        "        print(data)\n"
+    )
+    return topo.run(host, [sys.executable, "-c", script, name]).stdout.splitlines()
 
 
 def relay_rules(topo: Topology, host: str = RELAY_HOST) -> list[str]:
@@ -142,10 +159,11 @@ def rtcp_packet(ssrc: int) -> bytes:
 class MediaParty:
     """RTP on ``port`` and RTCP on ``port + 1`` of ``host``'s address, inside its namespace."""
 
-    def __init__(self, topo: Topology, host: str, port: int, payload_type: int) -> None:
+    def __init__(self, topo: Topology, host: str, port: int, payload_type: int, ip: str | None = None) -> None:
         self.topo = topo
         self.host = host
-        self.ip = topo.address(host)
+        self.ip = ip or topo.address(host)         # an IPv6 address: a phone that speaks IPv6
+        self.family = socket.AF_INET6 if ":" in self.ip else socket.AF_INET
         self.payload_type = payload_type
         self.ssrc = random.getrandbits(32)
         self.seq = 0
@@ -160,7 +178,7 @@ class MediaParty:
         self.close()
         self.port = port
         for component in (RTP, RTCP):
-            sock = self.topo.socket(self.host, type=socket.SOCK_DGRAM)
+            sock = self.topo.socket(self.host, family=self.family, type=socket.SOCK_DGRAM)
             sock.bind((self.ip, port + component))
             sock.setblocking(False)
             self.sockets[component] = sock
@@ -194,7 +212,8 @@ class MediaParty:
         for component, sock in self.sockets.items():
             while True:
                 try:
-                    self.received[component].append(sock.recvfrom(65536))
+                    data, source = sock.recvfrom(65536)
+                    self.received[component].append((data, source[:2]))
                 except BlockingIOError:
                     break
                 count += 1
@@ -325,6 +344,7 @@ class Rig:
     relays: list[Daemon] = field(default_factory=list)
     proxies: list[ProxyClient] = field(default_factory=list)
     parties: list[MediaParty] = field(default_factory=list)
+    link_ip: str = ""           # the address the dispatcher knows the relay by, when not relay_ip (an IPv6 link)
 
     @property
     def relay_ip(self) -> str:
@@ -353,8 +373,8 @@ class Rig:
         self.proxies.append(client)
         return client
 
-    def party(self, host: str, port: int, payload_type: int) -> MediaParty:
-        party = MediaParty(self.topo, host, port, payload_type)
+    def party(self, host: str, port: int, payload_type: int, ip: str | None = None) -> MediaParty:
+        party = MediaParty(self.topo, host, port, payload_type, ip)
         self.parties.append(party)
         return party
 
@@ -368,9 +388,21 @@ class Rig:
 
     def summary(self) -> dict:
         """The relay's `summary` entry (through the dispatcher's management port)."""
-        entries = [entry for entry in self.management.summary() if entry.get("ip") == self.relay_ip]
-        assert len(entries) == 1, f"summary lists relay {self.relay_ip} {len(entries)} times: {entries}"
+        ip = self.link_ip or self.relay_ip
+        entries = [entry for entry in self.management.summary() if entry.get("ip") == ip]
+        assert len(entries) == 1, f"summary lists relay {ip} {len(entries)} times: {entries}"
         return entries[0]
+
+    def wait_relay_listed(self, timeout: float = 15.0) -> dict:
+        """Wait until the dispatcher lists the relay (by link_ip or relay_ip) as active; its summary."""
+        ip = self.link_ip or self.relay_ip
+
+        def listed_active():
+            self.relay.process.assert_running()
+            return next((entry for entry in self.management.summary()
+                         if entry.get("ip") == ip and entry.get("status") == "active"), None)
+
+        return wait_for(listed_active, timeout=timeout, interval=0.1, message=f"the dispatcher to list relay {ip}")
 
     def sessions(self) -> list[dict]:
         return self.management.sessions()
@@ -407,7 +439,9 @@ class Rig:
         return relay_rules(self.topo)
 
 
-def build_rig(topo: Topology, results_dir: Path) -> tuple[Rig, Path]:
+def build_rig(
+    topo: Topology, results_dir: Path, dispatcher_extra: dict | None = None, san_ips: tuple[str, ...] = ()
+) -> tuple[Rig, Path]:
     """Certificates, the recording dispatcher in ``proxy``; the relay is the test's to start.
 
     The accounting file goes to ``results_dir``; daemon directories under a
@@ -418,8 +452,8 @@ def build_rig(topo: Topology, results_dir: Path) -> tuple[Rig, Path]:
     try:
         certs = make_certs_dir(
             workdir / "tls",
-            dispatcher_san_ips=(topo.address("proxy"),),
-            relay_san_ips=(topo.address(RELAY_HOST),),
+            dispatcher_san_ips=(topo.address("proxy"), *san_ips),
+            relay_san_ips=(topo.address(RELAY_HOST), *san_ips),
         )
         accounting_file = results_dir / "accounting.jsonl"
         dispatcher = start_dispatcher(
@@ -428,6 +462,7 @@ def build_rig(topo: Topology, results_dir: Path) -> tuple[Rig, Path]:
             certs.path,
             script=RECORDING_DISPATCHER,
             arguments=("--accounting-file", str(accounting_file)),
+            extra=dispatcher_extra,
         )
         rig = Rig(topo, workdir, certs.path, dispatcher, accounting_file, Management(topo))
     except BaseException:

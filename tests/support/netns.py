@@ -61,6 +61,9 @@ __all__ = [
     "require_root",
     "make_topology",
     "topology",
+    "IPV6_ADDRESSES",
+    "IPV6_PREFIX",
+    "ipv6_sysctls",
 ]
 
 ADDRESSES: dict[str, str] = {
@@ -81,6 +84,34 @@ COMMON_SYSCTLS: dict[str, str] = {
     "net.ipv6.conf.all.disable_ipv6": "1",
     "net.ipv6.conf.default.disable_ipv6": "1",
 }
+
+# IPv6 (documentation prefix), for the topologies that turn it on (see ipv6_sysctls, add_ipv6):
+IPV6_ADDRESSES: dict[str, str] = {
+    "proxy": "2001:db8:18::2",
+    "relay1": "2001:db8:18::5",
+    "relay2": "2001:db8:18::6",
+    "caller": "2001:db8:18::10",
+    "callee": "2001:db8:18::20",
+}
+IPV6_PREFIX = 64
+# IPv6 on, its addresses usable at once (no duplicate address detection), no router solicitations.
+IPV6_SYSCTLS: dict[str, str] = {
+    "net.ipv6.conf.all.disable_ipv6": "0",
+    "net.ipv6.conf.default.disable_ipv6": "0",
+    "net.ipv6.conf.all.accept_dad": "0",
+    "net.ipv6.conf.default.accept_dad": "0",
+    "net.ipv6.conf.default.router_solicitations": "0",
+    "net.ipv6.conf.default.accept_ra": "0",
+}
+
+
+def ipv6_sysctls(hosts: Iterable[str], extra: Mapping[str, Mapping[str, str]] | None = None) -> dict:
+    """Per host, the sysctls that turn IPv6 on (plus ``extra`` per host), for Topology(sysctls=...)."""
+    result = {host: dict(IPV6_SYSCTLS) for host in hosts}
+    for host, values in (extra or {}).items():
+        result[host].update(values)
+    return result
+
 
 NETNS_DIR = Path("/run/netns")
 NAME_RE = re.compile(r"^mp(?P<pid>\d+)-(?P<n>\d+)-(?P<host>[A-Za-z0-9_.-]+)$")
@@ -385,6 +416,16 @@ class Topology:
 
     def address(self, host: str) -> str:
         return self.addresses[host]
+
+    def address6(self, host: str) -> str:
+        """``host``'s IPv6 address (after add_ipv6)."""
+        return IPV6_ADDRESSES[host]
+
+    def add_ipv6(self) -> None:
+        """Give every host its IPv6 address on eth0 (IPv6 must be on: see ipv6_sysctls), usable at once."""
+        for host in self.addresses:
+            _host(["ip", "-n", self.ns(host), "addr", "add", f"{IPV6_ADDRESSES[host]}/{IPV6_PREFIX}", "dev", "eth0",
+                   "nodad"])
 
     # -- life cycle --
 

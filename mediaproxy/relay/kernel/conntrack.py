@@ -19,6 +19,7 @@ import os
 import socket
 
 from mediaproxy.relay.kernel import ctnetlink, ipset
+from mediaproxy.relay.forwarding import addresses_by_version
 from mediaproxy.relay.kernel.ctnetlink import Tuple5
 from mediaproxy.relay.streams import CALLEE, CALLER, RTP
 
@@ -26,6 +27,9 @@ log = logging.getLogger("mediaproxy.relay")
 
 UDP_STREAM_TIMEOUT = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream"
 IPV4_UDP_HEADERS = 28
+IPV6_UDP_HEADERS = 48
+UDP_HEADERS = {4: IPV4_UDP_HEADERS, 6: IPV6_UDP_HEADERS}      # IP version -> IP and UDP header bytes
+DUMP_FAMILY = {frozenset([4]): socket.AF_INET, frozenset([6]): socket.AF_INET6}    # else AF_UNSPEC: both
 
 
 def udp_stream_timeout() -> int:
@@ -96,18 +100,41 @@ def _grown(now: int, before: int) -> int:
     return now - before if now >= before else now
 
 
-class ConntrackTable:
-    """What of the kernel's conntrack table is ours, and the batched changes to it."""
+def _by_version(value, version: int) -> dict:
+    """A mapping IP version -> value, or one value (of that version)."""
+    return dict(value) if isinstance(value, dict) else {version: value}
 
-    def __init__(self, netlink, iptables, relay_ip: str, mark: int, inhibitor_set: str):
+
+class ConntrackTable:
+    """What of the kernel's conntrack table is ours, and the batched changes to it.
+
+    `relay_ip`, `iptables`, `inhibitor_set`: one (IPv4 or IPv6 only) or one per IP version
+    ({4: ..., 6: ...}). The relay's addresses of every version are looked after (leftovers
+    removed, dumps); the kernel relays the versions it has an inhibitor set for (`versions`).
+    """
+
+    def __init__(self, netlink, iptables, relay_ip, mark: int, inhibitor_set):
         self.netlink = netlink
-        self.iptables = iptables
-        self.inhibitor_set = inhibitor_set
-        self.relay_ip = relay_ip
+        self.relay_ips = addresses_by_version(relay_ip)
+        main = min(self.relay_ips)
+        self.relay_ip = self.relay_ips[main]
+        self.inhibitor_sets = _by_version(inhibitor_set, main)
+        self.inhibitor_set = self.inhibitor_sets.get(main)
+        self.iptables_by_version = _by_version(iptables, main)
+        self.iptables = self.iptables_by_version.get(main)
+        self.versions = frozenset(self.inhibitor_sets)
+        self.unavailable = {}         # IP version -> why the kernel does not relay it (see setup)
+        self.dump_family = DUMP_FAMILY.get(frozenset(self.relay_ips), socket.AF_UNSPEC)
         self.mark = mark
         # Relay port (RTP or RTCP, either leg) -> the KernelEntry that relays its packets: each
         # entry under its two ports. Its keys are the ports the kernel relays (kernel_ports).
         self.by_port = {}
+
+    def _dump(self, mark) -> list:
+        """The entries with `mark` (all for None) of the relay's IP versions."""
+        if self.dump_family == socket.AF_INET:
+            return self.netlink.dump(mark)
+        return self.netlink.dump(mark, self.dump_family)
 
     @property
     def kernel_ports(self):
@@ -135,6 +162,7 @@ class ConntrackTable:
         with the new calls' entries and make the kernel rewrite their ports).
         `keep`: original tuples of entries whose calls this run restores (see adopt)."""
         low, high = port_range
+        relay_ips = set(self.relay_ips.values())
 
         def ours(entry):
             if entry.orig in keep:
@@ -142,10 +170,10 @@ class ConntrackTable:
             if entry.mark == self.mark:
                 return True
             flow = entry.orig
-            return flow is not None and entry.proto == socket.IPPROTO_UDP and ((flow.dst == self.relay_ip and low <= flow.dport < high)
-                                         or (flow.src == self.relay_ip and low <= flow.sport < high))
+            return flow is not None and entry.proto == socket.IPPROTO_UDP and (
+                (flow.dst in relay_ips and low <= flow.dport < high) or (flow.src in relay_ips and low <= flow.sport < high))
         requests = []
-        for entry in self.netlink.dump(None):
+        for entry in self._dump(None):
             if ours(entry):
                 seq = self.netlink.next_seq()
                 requests.append((seq, ctnetlink.encode_delete(seq, entry.orig)))
@@ -157,37 +185,41 @@ class ConntrackTable:
         """Hand these sub-streams to the kernel; returns the ones that were installed."""
         if not entries:
             return []
-        incoming = []
+        incoming = {}             # IP version -> the flows of its sub-streams that reach the relay
         for entry in entries:
-            incoming.append(entry.orig)
             callee_ip, callee_port = entry.callee
-            incoming.append(Tuple5(callee_ip, self.relay_ip, callee_port, entry.relay_b[1]))
+            flows = incoming.setdefault(6 if ":" in entry.relay_ip else 4, [])
+            flows.append(entry.orig)
+            flows.append(Tuple5(callee_ip, entry.relay_ip, callee_port, entry.relay_b[1]))
         next_seq, requests, creates = self.netlink.next_seq, [], []
         # (the loops below run for every sub-stream handed over: written out, without helpers)
-        chunks = [ipset.Members(incoming[i:i + ipset.MAX_MEMBERS])
-                  for i in range(0, len(incoming), ipset.MAX_MEMBERS)]
+        chunks = [(self.inhibitor_sets[version], ipset.Members(flows[i:i + ipset.MAX_MEMBERS]))
+                  for version, flows in incoming.items() for i in range(0, len(flows), ipset.MAX_MEMBERS)]
         inhibitions = []
-        for chunk in chunks:
+        for name, chunk in chunks:
             seq = next_seq()
-            requests.append((seq, ipset.encode_add(seq, self.inhibitor_set, chunk)))
+            requests.append((seq, ipset.encode_add(seq, name, chunk)))
             inhibitions.append(seq)
         encode_delete, encode_nat_entry4 = ctnetlink.encode_delete, ctnetlink.encode_nat_entry4
-        for flow in incoming:                                   # the entries of the user-space path
-            seq = next_seq()
-            requests.append((seq, encode_delete(seq, flow)))
+        for flows in incoming.values():                         # the entries of the user-space path
+            for flow in flows:
+                seq = next_seq()
+                requests.append((seq, encode_delete(seq, flow)))
         timeout, mark = udp_stream_timeout(), self.mark
         for entry in entries:
             seq = next_seq()
-            requests.append((seq, encode_nat_entry4(seq, entry.orig, entry.callee, entry.relay_b, timeout, mark)))
+            encode = encode_nat_entry4 if ":" not in entry.relay_ip else ctnetlink.encode_nat_entry
+            requests.append((seq, encode(seq, entry.orig, entry.callee, entry.relay_b, timeout, mark)))
             creates.append((seq, entry))
-        for chunk in chunks:
+        for name, chunk in chunks:
             seq = next_seq()
-            requests.append((seq, ipset.encode_del(seq, self.inhibitor_set, chunk)))
+            requests.append((seq, ipset.encode_del(seq, name, chunk)))
         errors = self.netlink.transact(requests)["errors"]
         failed = [errors[seq] for seq in inhibitions if errors.get(seq)]
         if failed:
             log.warning("the inhibitor set %s refused %d flows (%s): packets arriving during this hand-over "
-                        "could make wrong entries", self.inhibitor_set, len(incoming), os.strerror(failed[0]))
+                        "could make wrong entries", "/".join(sorted(self.inhibitor_sets.values())),
+                        sum(map(len, incoming.values())), os.strerror(failed[0]))
         installed = []
         for seq, entry in creates:
             error = errors.get(seq)
@@ -247,16 +279,17 @@ class ConntrackTable:
         they were last read (an entry counts from its creation; the legs count everything).
 
         The kernel counts IP packets; like user space we count UDP payload,
-        so the IPv4 and UDP headers (28 bytes a packet) come off.
+        so the IP and UDP headers (28 bytes a packet, 48 with IPv6) come off.
         """
         caller, callee = entry.stream.caller, entry.stream.callee
+        headers = IPV6_UDP_HEADERS if ":" in entry.relay_ip else IPV4_UDP_HEADERS
         packets = kernel_entry.orig_packets
-        octets = kernel_entry.orig_bytes - IPV4_UDP_HEADERS * packets
+        octets = kernel_entry.orig_bytes - headers * packets
         caller.packet_count += _grown(packets, entry.caller_packets)
         caller.byte_count += _grown(octets, entry.caller_bytes)
         entry.caller_packets, entry.caller_bytes = packets, octets
         packets = kernel_entry.reply_packets
-        octets = kernel_entry.reply_bytes - IPV4_UDP_HEADERS * packets
+        octets = kernel_entry.reply_bytes - headers * packets
         callee.packet_count += _grown(packets, entry.callee_packets)
         callee.byte_count += _grown(octets, entry.callee_bytes)
         entry.callee_packets, entry.callee_bytes = packets, octets
@@ -285,7 +318,7 @@ class ConntrackTable:
         the ones it no longer has). `unwanted`: flows of saved entries no call claims, deleted."""
         wanted = {entry.orig: entry for entry in entries}
         adopted = []
-        for kernel_entry in self.netlink.dump(self.mark):
+        for kernel_entry in self._dump(self.mark):
             entry = wanted.pop(kernel_entry.orig, None)
             if entry is not None:
                 self.count(entry, kernel_entry)
@@ -309,7 +342,7 @@ class ConntrackTable:
     def refresh_counters(self) -> set:
         """Read every entry of ours; returns the ones the kernel no longer has."""
         seen = set()
-        for kernel_entry in self.netlink.dump(self.mark):
+        for kernel_entry in self._dump(self.mark):
             entry = self.find(kernel_entry.orig)
             if entry is not None:
                 self.count(entry, kernel_entry)

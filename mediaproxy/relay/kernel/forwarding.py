@@ -4,6 +4,9 @@ The same sockets as user-space forwarding catch the first packets of every
 party (that is how latching works); once both parties of a sub-stream are
 latched, its packets are relayed by a conntrack NAT entry and never reach
 Python again. Destroy events of those entries end their streams.
+
+IPv4 and IPv6 streams alike; a stream of an IP version the kernel path could
+not come up for (see setup) stays in user space.
 """
 
 import logging
@@ -12,7 +15,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
 from mediaproxy.relay.kernel.adoption import entries_from_state, entry_state
-from mediaproxy.relay.kernel.conntrack import IPV4_UDP_HEADERS, ConntrackTable, entry_for, udp_stream_timeout
+from mediaproxy.relay.kernel.conntrack import UDP_HEADERS, ConntrackTable, entry_for, udp_stream_timeout
 from mediaproxy.relay.kernel.iptables import IptablesError
 from mediaproxy.relay.kernel.netlink import EventSocket, NetlinkError, WalkSocket
 from mediaproxy.relay.kernel.parking import PortParking
@@ -51,8 +54,9 @@ class _Evictor:
     out (their destroy events end the streams); its answer, read when the reactor has time,
     is only its end."""
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, family: int):
         self.reactor = reactor
+        self.family = family
         self.walk = WalkSocket()
         self.running = False
 
@@ -60,7 +64,7 @@ class _Evictor:
         return self.walk.fileno()
 
     def start(self) -> None:
-        self.walk.start()
+        self.walk.start(self.family)
         self.reactor.addReader(self)
         self.running = True
 
@@ -88,7 +92,10 @@ class _Evictor:
 
 
 class KernelForwarding(UserspaceForwarding):
-    def __init__(self, ip: str, reactor, table: ConntrackTable, events: EventSocket, port_range=None):
+    """`ip`: the relay's address or its addresses by IP version, as for user space; the kernel
+    relays the streams of the versions `table.versions`."""
+
+    def __init__(self, ip, reactor, table: ConntrackTable, events: EventSocket, port_range=None):
         super().__init__(ip, reactor)
         self.parking = PortParking(self, reactor, port_range, self._relayed_sources)
         self.table = table
@@ -100,7 +107,8 @@ class KernelForwarding(UserspaceForwarding):
         self._kernel_bytes = 0
         self._reader = _EventReader(events, self._destroyed)
         reactor.addReader(self._reader)
-        self._evictor = _Evictor(reactor)
+        self._evictor = _Evictor(reactor, table.dump_family)
+        self._kernel_versions = table.versions
         self._reap_call = None
         self._schedule_reap()
 
@@ -122,7 +130,7 @@ class KernelForwarding(UserspaceForwarding):
 
     def adopt(self, streams, saved) -> None:
         """Relay again through the entries an earlier run left for these restored streams."""
-        entries, orphans = entries_from_state(saved, {stream.caller.port: stream for stream in streams}, self.ip)
+        entries, orphans = entries_from_state(saved, {stream.caller.port: stream for stream in streams}, self.ips)
         try:
             adopted, gone = self.table.adopt(entries, orphans)
         except (NetlinkError, OSError) as e:
@@ -149,6 +157,8 @@ class KernelForwarding(UserspaceForwarding):
     # StreamListener
 
     def latched(self, stream, component: int) -> None:
+        if self._version_of(stream, component) not in self._kernel_versions:
+            return           # its IP version is relayed in user space (see setup)
         self._pending[(id(stream), component)] = (stream, component)
         if self._handover_call is None:
             self._handover_call = self.reactor.callLater(0, self._hand_over)
@@ -172,7 +182,7 @@ class KernelForwarding(UserspaceForwarding):
         for stream, component in pending:
             if stream.ended or not stream.is_latched(component) or self.table.relays(stream, component):
                 continue
-            entries.append(entry_for(stream, component, self.ip))
+            entries.append(entry_for(stream, component, self.ip_of(stream.caller.port)))
         try:
             installed = self.table.install(entries)
         except (NetlinkError, IptablesError, OSError) as e:
@@ -193,6 +203,11 @@ class KernelForwarding(UserspaceForwarding):
             log.error("could not remove the kernel entries of port %d: %s", port, e)
         self.parking.forget(port)
         super().close(port)
+
+    @staticmethod
+    def _version_of(stream, component: int) -> int:
+        latched = stream.caller.latched[component]
+        return 6 if latched is not None and ":" in latched[0] else 4
 
     def _relayed_sources(self, port: int) -> tuple:
         """The party whose packets to this relay port the kernel relays: the caller's to its
@@ -228,17 +243,25 @@ class KernelForwarding(UserspaceForwarding):
             log.error("could not read the kernel's counters: %s", e)
 
     def traffic_bytes(self) -> int:
+        kernel_bytes = 0
         try:
-            packets, octets = self.table.iptables.kernel_traffic()
+            for version, iptables in self.table.iptables_by_version.items():
+                packets, octets = iptables.kernel_traffic()
+                kernel_bytes += octets - UDP_HEADERS[version] * packets
         except (IptablesError, OSError) as e:
             log.error("could not read the kernel's traffic counter: %s", e)
             return self.bytes_forwarded + self._kernel_bytes
-        self._kernel_bytes = octets - IPV4_UDP_HEADERS * packets
+        self._kernel_bytes = kernel_bytes
         return self.bytes_forwarded + self._kernel_bytes
 
     def status(self) -> dict:
-        return {"forwarding": "kernel", "userspace_packets": self.packets_forwarded,
-                "kernel_entries": len(self.table), "parked_ports": len(self.parking)}
+        status = {"forwarding": "kernel", "userspace_packets": self.packets_forwarded,
+                  "kernel_entries": len(self.table), "parked_ports": len(self.parking)}
+        if self.table.unavailable:
+            # e.g. {"kernel_ip_versions": [4], "userspace_ip_versions": [6]}: IPv6 in user space
+            status["kernel_ip_versions"] = sorted(self.table.versions)
+            status["userspace_ip_versions"] = sorted(self.table.unavailable)
+        return status
 
     # Destroy events
 

@@ -1,6 +1,7 @@
 """ipset netlink messages for the inhibitor set, encoded without I/O.
 
-The set (type hash:ip,port,ip) holds (source address, destination port,
+The set (type hash:ip,port,ip; one of family inet for IPv4 flows, one of
+family inet6 for IPv6 ones) holds (source address, destination port,
 destination address) of UDP flows: while a flow is a member, one NOTRACK
 rule keeps its packets out of conntrack. Adding and removing members are
 netlink messages like ctnetlink's, so they go in the same batches.
@@ -17,7 +18,7 @@ from mediaproxy.relay.kernel.ctnetlink import NET_PORT, packed_ipv4
 IPSET_CMD_FLUSH, IPSET_CMD_ADD, IPSET_CMD_DEL = 4, 9, 10
 IPSET_ATTR_PROTOCOL, IPSET_ATTR_SETNAME, IPSET_ATTR_DATA, IPSET_ATTR_ADT, IPSET_ATTR_LINENO = 1, 2, 7, 8, 9
 IPSET_ATTR_IP, IPSET_ATTR_PORT, IPSET_ATTR_PROTO, IPSET_ATTR_IP2 = 1, 4, 7, 20
-IPSET_ATTR_IPADDR_IPV4 = 1
+IPSET_ATTR_IPADDR_IPV4, IPSET_ATTR_IPADDR_IPV6 = 1, 2
 IPSET_PROTOCOL = 6          # the oldest protocol version current kernels take (they speak 6 and 7)
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
 
@@ -60,13 +61,18 @@ def _data(flow) -> bytes:
 
 
 def _data_general(flow) -> bytes:
+    """A member of the set of the flow's IP version (an IPv6 flow goes to the relay's inet6 set)."""
+    if ":" in flow.src:
+        family, kind = socket.AF_INET6, IPSET_ATTR_IPADDR_IPV6
+    else:
+        family, kind = socket.AF_INET, IPSET_ATTR_IPADDR_IPV4
     return _attr(IPSET_ATTR_DATA | NLA_F_NESTED,
                  _attr(IPSET_ATTR_IP | NLA_F_NESTED,
-                       _attr(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, socket.inet_aton(flow.src)))
+                       _attr(kind | NLA_F_NET_BYTEORDER, socket.inet_pton(family, flow.src)))
                  + _attr(IPSET_ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack(">H", flow.dport))
                  + _attr(IPSET_ATTR_PROTO, bytes([socket.IPPROTO_UDP]))
                  + _attr(IPSET_ATTR_IP2 | NLA_F_NESTED,
-                         _attr(IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER, socket.inet_aton(flow.dst))))
+                         _attr(kind | NLA_F_NET_BYTEORDER, socket.inet_pton(family, flow.dst))))
 
 
 class Members:

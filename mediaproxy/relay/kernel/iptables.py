@@ -18,6 +18,9 @@
 
 Every rule carries a comment naming the relay's conntrack mark, so rules
 left by a relay that was killed are found and removed at the next start.
+
+An Iptables is the rules of one IP version: iptables for IPv4, ip6tables
+(python-iptables' Table6 and Rule6) for IPv6, the same rules in each.
 """
 
 import logging
@@ -40,10 +43,16 @@ def _iptc():
 
 
 class Iptables:
-    def __init__(self, mark: int):
+    def __init__(self, mark: int, ip_version: int = 4):
         self.iptc = _iptc()
         self.mark = mark
+        self.ip_version = ip_version
         self.comment = "mediaproxy %#x" % mark
+        if ip_version == 6:
+            self._table, self._rule = self.iptc.Table6, self.iptc.Rule6
+        else:
+            self._table, self._rule = self.iptc.Table, self.iptc.Rule
+        self.command = "ip6tables" if ip_version == 6 else "iptables"
 
     def _comment_of(self, rule):
         for match in rule.matches:
@@ -55,53 +64,53 @@ class Iptables:
         """The nat table, and a stateful rule in our own chain (referenced by nothing)."""
         iptc = self.iptc
         try:
-            iptc.Table(iptc.Table.NAT).refresh()
-            table = iptc.Table(iptc.Table.FILTER)
+            self._table(self._table.NAT).refresh()
+            table = self._table(self._table.FILTER)
             table.refresh()
             if not table.is_chain(HOOK_CHAIN):
                 table.create_chain(HOOK_CHAIN)
             chain = iptc.Chain(table, HOOK_CHAIN)
             if not any(self._comment_of(rule) == self.comment for rule in chain.rules):
-                rule = iptc.Rule()
+                rule = self._rule()
                 match = rule.create_match("conntrack")
                 match.ctstate = "NEW"
                 rule.create_match("comment").comment = self.comment
                 rule.create_target("RETURN")
                 chain.append_rule(rule)
         except iptc.IPTCError as e:
-            raise IptablesError("cannot set up the iptables hooks: %s" % e) from None
+            raise IptablesError("cannot set up the %s hooks: %s" % (self.command, e)) from None
 
     def ensure_traffic_counter(self) -> None:
         iptc = self.iptc
         try:
-            table = iptc.Table(iptc.Table.MANGLE)
+            table = self._table(self._table.MANGLE)
             table.refresh()
             chain = iptc.Chain(table, "FORWARD")
             ours = [rule for rule in chain.rules if self._comment_of(rule) == self.comment]
             if len(ours) == 1:
                 return
-            rule = iptc.Rule()
+            rule = self._rule()
             rule.create_match("connmark").mark = "%#x" % self.mark
             rule.create_match("comment").comment = self.comment
             rule.create_target("")
             self._commit(table, lambda: ([chain.delete_rule(old) for old in ours], chain.append_rule(rule)))
         except iptc.IPTCError as e:
-            raise IptablesError("cannot set up the traffic counter: %s" % e) from None
+            raise IptablesError("cannot set up the %s traffic counter: %s" % (self.command, e)) from None
 
     def kernel_traffic(self):
         """(packets, bytes) the kernel relayed on our connections, as counted by the rule."""
         iptc = self.iptc
-        table = iptc.Table(iptc.Table.MANGLE)
+        table = self._table(self._table.MANGLE)
         table.refresh()
         for rule in iptc.Chain(table, "FORWARD").rules:
             if self._comment_of(rule) == self.comment:
                 return rule.get_counters()
-        raise IptablesError("the traffic counter rule is gone")
+        raise IptablesError("the %s traffic counter rule is gone" % self.command)
 
     def remove_stale_inhibitors(self) -> int:
         """Inhibitor rules of ours left by an earlier run (e.g. after SIGKILL), before ours are added."""
         iptc = self.iptc
-        table = iptc.Table(iptc.Table.RAW)
+        table = self._table(self._table.RAW)
         table.refresh()
         chain = iptc.Chain(table, "PREROUTING")
         stale = [rule for rule in chain.rules if self._comment_of(rule) == self.comment
@@ -114,20 +123,20 @@ class Iptables:
         """The NOTRACK rule of the inhibitor set, first in raw PREROUTING."""
         iptc = self.iptc
         try:
-            table = iptc.Table(iptc.Table.RAW)
+            table = self._table(self._table.RAW)
             table.refresh()
             chain = iptc.Chain(table, "PREROUTING")
             if any(self._comment_of(rule) == self.comment and any(m.name == "set" for m in rule.matches)
                    for rule in chain.rules):
                 return
-            rule = iptc.Rule()
+            rule = self._rule()
             rule.protocol = "udp"
             rule.create_match("set").match_set = [set_name, "src,dst,dst"]
             rule.create_match("comment").comment = self.comment
             rule.create_target("CT").notrack = ""
             chain.insert_rule(rule)
         except iptc.IPTCError as e:
-            raise IptablesError("cannot add the NOTRACK inhibitor rule: %s" % e) from None
+            raise IptablesError("cannot add the %s NOTRACK inhibitor rule: %s" % (self.command, e)) from None
 
     def _commit(self, table, change) -> None:
         table.autocommit = False

@@ -9,8 +9,9 @@ its socket is opened again.
 
 A packet to a parked port from an address no entry matches (a stranger, or
 a party that moved without a new offer: a NAT that rebinds) is delivered to
-the relay's address where no socket listens. One raw socket sees every UDP
-packet delivered to the relay's address in its port range (the kernel's
+the relay's address where no socket listens. One raw socket per relay
+address (IPv4, IPv6) sees every UDP
+packet delivered to that address in its port range (the kernel's
 NAT-relayed packets are forwarded, not delivered, so it does not see those):
 the port's leg counts it as dropped and says whether the port listens again
 (only when the leg may latch a new source, without strict source). With
@@ -48,6 +49,18 @@ def port_range_filter(low: int, high: int) -> bytes:
     return b"".join(struct.pack("HBBI", *instruction) for instruction in program)
 
 
+def port_range_filter6(low: int, high: int) -> bytes:
+    """The same for a raw IPv6 UDP socket, which receives packets from their UDP header on."""
+    program = [
+        (0x28, 0, 0, 2),                     # ldh [2]: the UDP destination port
+        (0x35, 0, 2, low),                   # jge #low, next, drop
+        (0x35, 1, 0, high),                  # jge #high, drop, keep
+        (0x06, 0, 0, UDP_HEADER_END),        # ret: keep the headers
+        (0x06, 0, 0, 0),                     # ret 0: drop
+    ]
+    return b"".join(struct.pack("HBBI", *instruction) for instruction in program)
+
+
 def attach_filter(sock: socket.socket, program: bytes) -> None:
     instructions = ctypes.create_string_buffer(program)
     fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(instructions))
@@ -68,15 +81,24 @@ def source_address(packet: bytes):
     return socket.inet_ntoa(packet[12:16]), (packet[header] << 8) | packet[header + 1]
 
 
+def udp_ports6(datagram: bytes):
+    """(source port, destination port) of what a raw IPv6 UDP socket received, or None if too short."""
+    if len(datagram) < 4:
+        return None
+    return (datagram[0] << 8) | datagram[1], (datagram[2] << 8) | datagram[3]
+
+
 @implementer(IReadDescriptor)
 class _Catcher:
-    """The raw socket: which parked ports packets arrive at."""
+    """The raw socket of one relay address: which parked ports packets arrive at."""
 
     def __init__(self, ip: str, port_range, on_packet):
         self.on_packet = on_packet
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        self.ipv6 = ":" in ip
+        self.sock = socket.socket(socket.AF_INET6 if self.ipv6 else socket.AF_INET, socket.SOCK_RAW,
+                                  socket.IPPROTO_UDP)
         try:
-            attach_filter(self.sock, port_range_filter(*port_range))
+            attach_filter(self.sock, (port_range_filter6 if self.ipv6 else port_range_filter)(*port_range))
             self.sock.bind((ip, 0))
             self.sock.setblocking(False)
         except OSError:
@@ -87,6 +109,8 @@ class _Catcher:
         return self.sock.fileno()
 
     def doRead(self):
+        if self.ipv6:
+            return self._read6()
         for _ in range(READS_PER_TURN):
             try:
                 packet = self.sock.recv(UDP_HEADER_END)
@@ -97,6 +121,18 @@ class _Catcher:
             port = destination_port(packet)
             if port is not None:
                 self.on_packet(port, source_address(packet))
+
+    def _read6(self):
+        for _ in range(READS_PER_TURN):
+            try:
+                datagram, address = self.sock.recvfrom(UDP_HEADER_END)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                    log.error("the raw IPv6 socket that wakes up parked ports failed: %s", e)
+                return
+            ports = udp_ports6(datagram)
+            if ports is not None:
+                self.on_packet(ports[1], (address[0], ports[0]))
 
     def connectionLost(self, reason):
         pass
@@ -124,15 +160,17 @@ class PortParking:
         self.reactor = reactor
         self.expected_source = expected_source
         self._parked_count = 0
-        self._catcher = None
-        if port_range is not None:
+        self._catchers = []
+        ips = getattr(forwarding, "ips", None) or {0: forwarding.ip}
+        for ip in (ips.values() if port_range is not None else ()):
             try:
-                self._catcher = _Catcher(forwarding.ip, port_range, self._packet_to)
+                catcher = _Catcher(ip, port_range, self._packet_to)
             except OSError as e:
-                log.warning("parked ports cannot be woken by a moving party (no raw socket: %s); "
-                            "a new offer still wakes them", e.strerror)
+                log.warning("parked ports of %s cannot be woken by a moving party (no raw socket: %s); "
+                            "a new offer still wakes them", ip, e.strerror)
             else:
-                reactor.addReader(self._catcher)
+                reactor.addReader(catcher)
+                self._catchers.append(catcher)
 
     def __len__(self):
         return self._parked_count
@@ -142,10 +180,10 @@ class PortParking:
         return port not in forwarding.sockets and (port & ~1) in forwarding.receivers
 
     def stop(self) -> None:
-        if self._catcher is not None:
-            self.reactor.removeReader(self._catcher)
-            self._catcher.close()
-            self._catcher = None
+        for catcher in self._catchers:
+            self.reactor.removeReader(catcher)
+            catcher.close()
+        self._catchers = []
 
     def park(self, port: int) -> None:
         listening = self.forwarding.sockets.pop(port, None)

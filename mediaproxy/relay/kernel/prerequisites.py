@@ -14,6 +14,7 @@ MINIMUM_KERNEL = (4, 19)
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+IPV6_FORWARDING = "/proc/sys/net/ipv6/conf/all/forwarding"
 
 
 def read_file(path: str) -> Optional[str]:
@@ -66,16 +67,34 @@ def check_ip_forward(value: Optional[str]) -> Optional[str]:
     return None
 
 
+def check_ipv6_forwarding(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return "%s cannot be read (IPv6 is off in this kernel or network namespace?)" % IPV6_FORWARDING
+    if value.strip() != "1":
+        return ("net.ipv6.conf.all.forwarding is %s, the kernel must forward the relayed IPv6 packets "
+                "(sysctl -w net.ipv6.conf.all.forwarding=1; a forwarding host ignores router "
+                "advertisements unless accept_ra = 2)" % value.strip())
+    return None
+
+
+def missing_forwarding(ip_version: int, read=read_file) -> Optional[str]:
+    """What the kernel lacks to forward the relayed packets of that IP version, or None."""
+    if ip_version == 6:
+        return check_ipv6_forwarding(read(IPV6_FORWARDING))
+    return check_ip_forward(read(IP_FORWARD))
+
+
 def _load_iptc():
     import iptc  # noqa: F401
 
 
-def missing_prerequisites(uname=os.uname, read=read_file, load_iptables=_load_iptc) -> List[str]:
-    """Every prerequisite the host lacks, in words; empty when all are there."""
+def missing_prerequisites(uname=os.uname, read=read_file, load_iptables=_load_iptc, ip_versions=(4,)) -> List[str]:
+    """Every prerequisite the host lacks, in words; empty when all are there. `ip_versions`:
+    whose forwarding is checked (see missing_forwarding; () for the common ones only)."""
     system = uname()
     problems = [check_kernel(system.sysname, system.release)]
     if problems[0] is None:
         problems += [check_privileges(read("/proc/self/status")),
-                     check_iptables_libraries(load_iptables),
-                     check_ip_forward(read(IP_FORWARD))]
+                     check_iptables_libraries(load_iptables)]
+        problems += [missing_forwarding(version, read) for version in ip_versions]
     return [problem for problem in problems if problem]

@@ -4,6 +4,11 @@ The relay arranges what it needs in its network namespace (conntrack
 accounting, conntrack and NAT hooks), removes what an earlier run left
 (entries with its mark that no restored call claims, inhibitor rules), and then proves that conntrack NAT
 applies with a probe packet (FIELD-NOTES 1: listing tables proves nothing).
+
+Each IP version of the relay's addresses comes up on its own (its
+forwarding sysctl, its iptables or ip6tables rules, its inhibitor set, its
+probe): a version that cannot is relayed in user space, the others by the
+kernel. Only when none can is the kernel path unavailable.
 """
 
 import errno
@@ -11,11 +16,12 @@ import logging
 import os
 import socket
 
+from mediaproxy.relay.forwarding import addresses_by_version
 from mediaproxy.relay.kernel import ctnetlink
 from mediaproxy.relay.kernel.conntrack import ConntrackTable
 from mediaproxy.relay.kernel.iptables import Iptables, IptablesError
 from mediaproxy.relay.kernel.netlink import ConntrackSocket, EventSocket, NetlinkError
-from mediaproxy.relay.kernel.prerequisites import missing_prerequisites
+from mediaproxy.relay.kernel.prerequisites import missing_forwarding, missing_prerequisites
 
 log = logging.getLogger("mediaproxy.relay")
 
@@ -38,18 +44,19 @@ def _write(path: str, value: str) -> None:
 
 def probe_nat(netlink: ConntrackSocket, ip: str, mark: int) -> None:
     """Send a packet to ourselves that only a NAT entry can divert; raise if it is not diverted."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    encode = ctnetlink.encode_nat_entry if family == socket.AF_INET6 else ctnetlink.encode_nat_entry4
     sockets = []
     try:
         for _ in range(3):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.bind((ip, 0))
             sockets.append(sock)
         sender, target, diverted = sockets
         sport, dport, nat_port = (s.getsockname()[1] for s in sockets)
         flow = ctnetlink.Tuple5(ip, ip, sport, dport)
         seq = netlink.next_seq()
-        errors = netlink.transact([(seq, ctnetlink.encode_nat_entry4(seq, flow, (ip, nat_port), (ip, sport), 5,
-                                                                     mark))])["errors"]
+        errors = netlink.transact([(seq, encode(seq, flow, (ip, nat_port), (ip, sport), 5, mark))])["errors"]
         if errors.get(seq):
             raise KernelUnavailable("the kernel refused a conntrack NAT entry: %s" % errno.errorcode.get(
                 errors[seq], errors[seq]))
@@ -68,7 +75,11 @@ def probe_nat(netlink: ConntrackSocket, ip: str, mark: int) -> None:
             sock.close()
 
 
-def make_inhibitor_set(name: str) -> None:
+def inhibitor_set_name(mark: int, ip_version: int = 4) -> str:
+    return ("mediaproxy-%x" if ip_version == 4 else "mediaproxy6-%x") % mark
+
+
+def make_inhibitor_set(name: str, ip_version: int = 4) -> None:
     """The ipset of the NOTRACK inhibitor, created (pyroute2) or emptied of an earlier run's members."""
     from pyroute2 import IPSet
     from pyroute2.netlink.exceptions import NetlinkError
@@ -76,7 +87,8 @@ def make_inhibitor_set(name: str) -> None:
         sets = IPSet()
         try:
             try:
-                sets.create(name, stype="hash:ip,port,ip")
+                sets.create(name, stype="hash:ip,port,ip",
+                            family=socket.AF_INET6 if ip_version == 6 else socket.AF_INET)
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
@@ -87,25 +99,40 @@ def make_inhibitor_set(name: str) -> None:
         raise KernelUnavailable("cannot make the ipset %s for the NOTRACK inhibitor: %s" % (name, e)) from None
 
 
-def start_kernel_path(relay_ip: str, mark: int, port_range, keep=frozenset()):
-    """(ConntrackTable, EventSocket) ready for use, or KernelUnavailable. `keep`: original
-    tuples of entries an earlier run left for the calls this run restores (not leftovers)."""
-    if ":" in relay_ip:
-        raise KernelUnavailable("the kernel path is for IPv4 relay addresses")
-    problems = missing_prerequisites()
-    if problems:
-        raise KernelUnavailable("; ".join(problems))
+def _start_version(netlink: ConntrackSocket, ip_version: int, ip: str, mark: int):
+    """One IP version's part of the kernel path: (its Iptables, its inhibitor set, stale rules removed)."""
+    problem = missing_forwarding(ip_version)
+    if problem:
+        raise KernelUnavailable(problem)
     try:
-        iptables = Iptables(mark)
+        iptables = Iptables(mark, ip_version)
         iptables.enable_conntrack_hooks()
         iptables.ensure_traffic_counter()
         stale_rules = iptables.remove_stale_inhibitors()
-        inhibitor_set = "mediaproxy-%x" % mark
-        make_inhibitor_set(inhibitor_set)
+        inhibitor_set = inhibitor_set_name(mark, ip_version)
+        make_inhibitor_set(inhibitor_set, ip_version)
         iptables.ensure_inhibitor_rule(inhibitor_set)
-        netlink = ConntrackSocket()
+        probe_nat(netlink, ip, mark)
     except IptablesError as e:
         raise KernelUnavailable(str(e)) from None
+    except (NetlinkError, OSError) as e:
+        if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EPERM:
+            raise KernelUnavailable("no permission to use conntrack (needs root or CAP_NET_ADMIN)") from None
+        raise KernelUnavailable(str(e)) from None
+    return iptables, inhibitor_set, stale_rules
+
+
+def start_kernel_path(relay_ip, mark: int, port_range, keep=frozenset()):
+    """(ConntrackTable, EventSocket) ready for use, or KernelUnavailable. `relay_ip`: the relay's
+    address or its addresses by IP version. The table's `versions` are the IP versions the kernel
+    relays, its `unavailable` says why each other one is not (when none is: KernelUnavailable).
+    `keep`: original tuples of entries an earlier run left for the calls this run restores (not leftovers)."""
+    addresses = addresses_by_version(relay_ip)
+    problems = missing_prerequisites(ip_versions=())
+    if problems:
+        raise KernelUnavailable("; ".join(problems))
+    try:
+        netlink = ConntrackSocket()
     except PermissionError:
         raise KernelUnavailable("no permission to use conntrack (needs root or CAP_NET_ADMIN)") from None
     except OSError as e:
@@ -114,12 +141,24 @@ def start_kernel_path(relay_ip: str, mark: int, port_range, keep=frozenset()):
         if not os.path.exists(CONNTRACK_ACCT):
             raise KernelUnavailable("the kernel has no connection tracking (nf_conntrack) in this network namespace")
         _write(CONNTRACK_ACCT, "1")
-        table = ConntrackTable(netlink, iptables, relay_ip, mark, inhibitor_set)
+        iptables, inhibitor_sets, unavailable, stale_rules = {}, {}, {}, 0
+        for version, ip in sorted(addresses.items()):
+            try:
+                iptables[version], inhibitor_sets[version], stale = _start_version(netlink, version, ip, mark)
+            except KernelUnavailable as e:
+                unavailable[version] = str(e)
+                continue
+            stale_rules += stale
+        if not iptables:
+            if len(unavailable) == 1:
+                raise KernelUnavailable(next(iter(unavailable.values())))
+            raise KernelUnavailable("; ".join("IPv%d: %s" % item for item in sorted(unavailable.items())))
+        table = ConntrackTable(netlink, iptables, addresses, mark, inhibitor_sets)
+        table.unavailable = unavailable
         stale_entries = table.remove_leftovers(port_range, keep)
         if stale_entries or stale_rules:
             log.warning("removed what an earlier run left: %d conntrack entries, %d iptables rules",
                         stale_entries, stale_rules)
-        probe_nat(netlink, relay_ip, mark)
         events = EventSocket()
     except (NetlinkError, IptablesError, OSError) as e:
         netlink.close()
