@@ -1,66 +1,77 @@
-"""Control-path writes sent at the end of the reactor turn that made them.
+"""Control-path writes, sent by one send() at the end of the reactor turn that made them.
 
-Twisted sends what a protocol writes at the reactor's next turn, and its TLS
-layer (since Twisted 22.8) gathers small writes for one more turn first. A
-proxy request crosses four sockets on its way to a relay and back, so those
-turns were a large part of its latency and CPU. With `install`, the control
-protocols `note` the transports they write to, and after the reactor has
-handled what one poll returned, they are pushed out: what a busy turn wrote
-to one connection still leaves together, in one TLS record and one send,
-and a request alone on an idle daemon is not held back a turn.
+A proxy request crosses four sockets on its way to a relay and back. Twisted
+sends what a protocol writes at the reactor's next turn, after asking epoll
+to watch the socket for writability and then to stop watching it: two more
+system calls and a turn of latency for every reply line. With `install`,
+the control protocols `write` through here instead: what one turn wrote to
+a connection is sent when the reactor has handled what its poll returned,
+with one send() straight on the socket when Twisted holds nothing for that
+connection (the common case: the socket buffer has room). What the socket
+does not take is handed to Twisted, which sends it when it can, after what
+it already holds, so the order of the bytes is kept.
 
-Only a transport in plain connected state is pushed; anything else (a
-closing connection, a full socket buffer) is left to Twisted as before.
-Without `install` (unit tests, other reactors) `note` does nothing.
+Without `install` (unit tests, other reactors) `write` is transport.write.
 """
 
-from twisted.internet.abstract import FileDescriptor
-
-_written = None         # transports written to in this turn; None: not installed
+_pending = None         # transport -> [bytes] written in this turn; None: not installed
 
 
 def install(reactor) -> None:
-    """Push the noted transports after each poll of `reactor` (a posix reactor)."""
-    global _written
-    _written = []
+    """Send what was written after each poll of `reactor` (a posix reactor), and before it."""
+    global _pending
+    _pending = {}
     poll = reactor.doIteration
 
-    def poll_then_push(timeout):
-        poll(timeout)
-        if _written:
+    def push_poll_push(timeout):
+        if _pending:        # written by timers (they run before the poll): the poll may wait long
             push()
-    reactor.doIteration = poll_then_push
+        poll(timeout)
+        if _pending:
+            push()
+    reactor.doIteration = push_poll_push
 
 
-def note(transport) -> None:
-    """`transport` was written to: push it out at the end of this turn."""
-    if _written is not None and transport not in _written:
-        _written.append(transport)
+def write(transport, data: bytes) -> None:
+    """Send `data` on `transport` (Twisted's transport of a stream socket) at the end of this turn."""
+    if _pending is None:
+        transport.write(data)
+        return
+    chunks = _pending.get(transport)
+    if chunks is None:
+        _pending[transport] = [data]
+    else:
+        chunks.append(data)
+
+
+def flush(transport) -> None:
+    """Hand what waits for `transport` to Twisted now: before loseConnection, which closes the
+    connection once Twisted's own buffer is sent."""
+    if _pending:
+        chunks = _pending.pop(transport, None)
+        if chunks:
+            transport.write(b"".join(chunks))
 
 
 def push() -> None:
-    """Send what the noted transports hold, now."""
-    while _written:
-        _push(_written.pop())
+    """Send what every connection was written in this turn, now."""
+    while _pending:
+        transport, chunks = _pending.popitem()
+        _send(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
 
-def _push(transport) -> None:
-    aggregator = getattr(transport, "_aggregator", None)
-    if aggregator is not None:
-        aggregator.flush()              # TLS: encrypt now, into the TCP connection's buffer
-    descriptor = _descriptor(transport)
-    if descriptor is None or not descriptor.connected or descriptor.disconnecting or descriptor.producer:
-        return
-    if descriptor.dataBuffer or descriptor._tempDataBuffer:
-        # What the reactor does when the socket is writable; an error stays in the buffer for
-        # the reactor to find on its next turn, as before.
-        descriptor.doWrite()
-
-
-def _descriptor(transport):
-    """The socket's FileDescriptor under a transport and Twisted's TLS layers, or None."""
-    for _ in range(4):
-        if isinstance(transport, FileDescriptor):
-            return transport
-        transport = getattr(transport, "_connection", None) or getattr(transport, "transport", None)
-    return None
+def _send(transport, data: bytes) -> None:
+    sock = getattr(transport, "socket", None)
+    if (sock is not None and transport.connected and not transport.disconnecting and transport.producer is None
+            and not transport.dataBuffer and not transport._tempDataBuffer):
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            transport.write(data)      # Twisted meets the error at its own try and closes as it does
+            return
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

@@ -22,6 +22,8 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from mediaproxy import outgoing
+
 READ_SIZE = 65536
 
 
@@ -84,6 +86,7 @@ class TLSProtocol(ProtocolWrapper):
                 e.peer_certificate = crypto.load_certificate(crypto.FILETYPE_ASN1, der) if der else None
             self.error = e
             self._send_pending()                    # the alert, so the peer learns why
+            outgoing.flush(self.transport)
             self.transport.loseConnection()
             return False
         self.handshake_done = True
@@ -97,7 +100,7 @@ class TLSProtocol(ProtocolWrapper):
 
     def _send_pending(self) -> None:
         if self._outgoing.pending:
-            self.transport.write(self._outgoing.read())
+            outgoing.write(self.transport, self._outgoing.read())
 
     # Plaintext out: the wrapped protocol's transport.
 
@@ -108,7 +111,7 @@ class TLSProtocol(ProtocolWrapper):
         if self.disconnecting:
             return
         self._tls.write(data)
-        self.transport.write(self._outgoing.read())
+        outgoing.write(self.transport, self._outgoing.read())
 
     def writeSequence(self, data):
         self.write(b"".join(data))
@@ -123,6 +126,7 @@ class TLSProtocol(ProtocolWrapper):
             except ssl.SSLError:
                 pass
             self._send_pending()
+        outgoing.flush(self.transport)
         self.transport.loseConnection()
 
     def abortConnection(self):

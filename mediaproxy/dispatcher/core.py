@@ -52,6 +52,7 @@ class Dispatcher:
         self.sessions = {}          # call_id -> SessionRecord
         self.missing_relays = {}    # relay ip -> since when a relay holding sessions is not connected
         self.pending_removes = {}   # relay ip -> {call_id: headers} of removes waiting for it to come back
+        self.removing = {}          # call_id -> SessionRecord of removes the proxy has had its answer to
         self.draining = set()       # relay ips an operator drained: no new sessions there
         self.management = ManagementCommands(self)
         self.counters = DispatcherCounters()     # what the metrics port reports
@@ -260,8 +261,6 @@ class Dispatcher:
         relay.send("update", exchange.headers, exchange.guarded(answered))
 
     def _remove(self, exchange) -> None:
-        # The record stays until the relay answered: a session whose relay is
-        # unreachable now is still matched when the relay reports it later.
         call_id = exchange.request.call_id
         record = self.sessions.get(call_id)
         if record is None:
@@ -271,32 +270,42 @@ class Dispatcher:
             return
         relay = self.relays.get(record.relay_ip)
         if relay is None:
-            # e.g. the dispatcher restarted and the relay has not reconnected yet
+            # e.g. the dispatcher restarted and the relay has not reconnected yet. The record
+            # stays: a session whose relay is unreachable now is matched when it reports it later.
             log.info("session %s: its relay %s is not connected, it is removed there when it is",
                      call_id, record.relay_ip)
             self.pending_removes.setdefault(record.relay_ip, {})[call_id] = dict(exchange.headers)
             exchange.finish("removed")
             return
-        self._send_remove(relay, call_id, exchange.headers, exchange.guarded(exchange.finish))
+        # The proxy is answered now, not when the relay has answered: a SIP worker of the proxy
+        # waits on its socket for this line (for nothing but a log line), and what the relay
+        # answers is for accounting. The relay gets the remove right after it, on its link.
+        del self.sessions[call_id]
+        self.removing[call_id] = record
+        exchange.finish("removed")
+        self._send_remove(relay, call_id, exchange.headers)
 
-    def _send_remove(self, relay, call_id: str, headers, done=lambda answer, reason=None: None) -> None:
+    def _send_remove(self, relay, call_id: str, headers) -> None:
         def answered(result):
+            record = self.removing.pop(call_id, None)
             if isinstance(result, RelayError):
-                log.error("session %s: remove failed: %s", call_id, result)
-                done("error", _failure_reason(result))
+                log.error("session %s: remove failed on relay %s: %s", call_id, relay.ip, result)
+                if record is not None and call_id not in self.sessions:
+                    # kept, and removed when the relay comes back (as for an unreachable relay)
+                    self.sessions[call_id] = record
+                    self.pending_removes.setdefault(relay.ip, {})[call_id] = dict(headers)
                 return
-            record = self.sessions.pop(call_id, None) or SessionRecord(call_id, relay.ip, self.clock.seconds())
-            statistics = None
-            if result.startswith("{"):
-                # without accounting nothing reads the statistics of a removed session: not decoded
-                statistics = decode_answer(result) if self.accounting else {}
+            if record is None:
+                record = self.sessions.pop(call_id, None) or SessionRecord(call_id, relay.ip, self.clock.seconds())
+            if not result.startswith("{"):
+                log.warning("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
+                return
+            # without accounting nothing reads the statistics of a removed session: not decoded
+            statistics = decode_answer(result) if self.accounting else {}
             if not isinstance(statistics, dict):
                 log.error("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
-                done("error")
-                return
-            if statistics:
+            elif statistics:
                 self.session_ended(record, statistics, timed_out=False)
-            done("removed")
         relay.send("remove", headers, answered)
 
     def late_answer(self, link, command: str, headers, result: str) -> None:
@@ -316,6 +325,8 @@ class Dispatcher:
         record = self.sessions.get(call_id)
         if record is not None and record.relay_ip == link.ip:
             del self.sessions[call_id]
+        elif call_id in self.removing and self.removing[call_id].relay_ip == link.ip:
+            record = self.removing.pop(call_id)          # it expired before the relay saw the remove
         else:
             record = SessionRecord(call_id, link.ip, self.clock.seconds())
         log.info("session %s expired on relay %s", call_id, link.ip)

@@ -78,8 +78,7 @@ class ProxyProtocol(Protocol):
         log.debug("proxy connection")
 
     def _write(self, data):
-        self.transport.write(data)
-        outgoing.note(self.transport)
+        outgoing.write(self.transport, data)
 
     def dataReceived(self, data):
         for request in self.reader.feed(data):

@@ -15,7 +15,6 @@ import logging
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
 
-from mediaproxy import outgoing
 from mediaproxy.peer import VerifiedPeerProtocol
 from mediaproxy.protocol.framing import FramingError, LineSplitter, encode_line
 from mediaproxy.protocol.relaylink import PONG, Expired, LinkError, Ping, Reply, encode_command, parse_relay_line
@@ -114,7 +113,6 @@ class RelayLink(VerifiedPeerProtocol):
         if self._timeout_call is None:
             self._timeout_call = self.clock.callLater(self.timeout, self._check_timeouts)
         self.transport.write(encode_command(name, self.seq, headers or {}))
-        outgoing.note(self.transport)
 
     def send_command(self, name: str, headers=None) -> defer.Deferred:
         """`send`, with the answer as a Deferred (which fails with the RelayError)."""

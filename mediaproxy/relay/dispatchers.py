@@ -16,7 +16,6 @@ from twisted.internet.protocol import Factory
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError, DNSServerError
 
-from mediaproxy import outgoing
 from mediaproxy.peer import VerifiedPeerProtocol
 from mediaproxy.protocol.framing import (MAX_LINE_LENGTH, MAX_REQUEST_SIZE, FramingError, Line, RequestReader,
                                          encode_line, is_number)
@@ -85,7 +84,6 @@ class DispatcherLink(VerifiedPeerProtocol):
                                   command.headers.get("call_id", "-"))
                     result = "error"
                 self.transport.write(encode_reply(command.seq, result))
-                outgoing.note(self.transport)
 
     def send_expired(self, statistics: dict) -> None:
         self.transport.write(encode_expired(statistics))

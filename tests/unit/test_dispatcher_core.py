@@ -307,18 +307,39 @@ def test_an_unanswered_session_is_removed_but_not_accounted(dispatcher, backend)
     assert backend.saved == []
 
 
-@pytest.mark.parametrize("failure", ["error", RelayTimeout("late")])
-def test_a_remove_the_relay_cannot_do_is_error(dispatcher, backend, failure):
+def test_the_proxy_has_its_answer_to_remove_before_the_relay_answers(dispatcher, backend):
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    result(dispatcher.proxy_request(update()))
+    relay.answer = lambda name, headers: None            # the relay has not answered the remove yet
+    relay.send = lambda name, headers, answered: relay.held.append((name, answered))
+    relay.held = []
+    assert result(dispatcher.proxy_request(remove())) == "removed"
+    assert [name for name, _ in relay.held] == ["remove"] and backend.saved == []
+    assert dispatcher.sessions == {}
+    relay.held[0][1](json.dumps(statistics("call-1")))    # its statistics come: the call is accounted
+    assert [saved["call_id"] for saved in backend.saved] == ["call-1"]
+
+
+def test_a_remove_the_relay_does_not_know_is_answered_removed_and_not_accounted(dispatcher, backend, caplog):
+    connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000", removed="error")))
+    result(dispatcher.proxy_request(update()))
+    assert result(dispatcher.proxy_request(remove())) == "removed"
+    assert backend.saved == [] and dispatcher.sessions == {}
+    assert "session call-1: relay 10.1.0.1 answered remove with 'error'" in caplog.text
+
+
+def test_a_remove_the_relay_fails_to_answer_is_done_again_when_it_comes_back(dispatcher, backend):
     def answer(name, headers):
         if name == "remove":
-            if isinstance(failure, Exception):
-                raise failure
-            return failure
+            raise RelayTimeout("late")
         return "10.1.0.1 40000"
     connect(dispatcher, FakeRelay("10.1.0.1", answer))
     result(dispatcher.proxy_request(update()))
-    assert result(dispatcher.proxy_request(remove())) == "error"
-    assert backend.saved == []
+    assert result(dispatcher.proxy_request(remove())) == "removed"
+    assert backend.saved == [] and "call-1" in dispatcher.sessions       # kept until the relay removed it
+    relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
+    assert relay.names("remove") == ["call-1"]
+    assert [saved["call_id"] for saved in backend.saved] == ["call-1"] and dispatcher.sessions == {}
 
 
 def test_remove_of_an_unknown_call_is_error(dispatcher):
