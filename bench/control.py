@@ -460,8 +460,12 @@ def run(smoke: bool, workdir: Path) -> dict:
                 notes.append(f"{n} client(s): the floor (the same UNIX socket and TLS hops in Twisted, no work at "
                              f"either end) did {floor:.0f} sessions/s, {floor / ref:.2f} of rtpengine; ours did "
                              f"{ours / floor:.2f} of the floor: the rest is the daemons' own work on each request "
-                             f"(parsing, session state, four UDP sockets bound per offer, logging: the profile "
-                             f"below)")
+                             f"(parsing, session state, four UDP sockets opened and closed a call, logging: the "
+                             f"profile below)")
+        notes.append("hops: a session's three requests wake a process 10 times on their way with ours (the "
+                     "dispatcher and the relay for the two updates, the dispatcher alone for the remove, which "
+                     "it answers before the relay does) and 6 times with rtpengine (one process); on this "
+                     "machine a wake-up alone costs some 100 us, which the floor shows")
         notes.append("the machine has %d CPUs shared by the clients and the servers: a client's CPU is taken "
                      "from the server it measures (each client is a blocking Python loop, ~%.0f us of its own "
                      "CPU a session)" % (os.cpu_count() or 1, _client_cost_us(runs)))

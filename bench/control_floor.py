@@ -4,12 +4,14 @@
     python -m bench.control_floor back CERTS IP PORT            # the relay's stand-in
 
 A request of the proxy module goes from the client over a UNIX socket to the
-front, which sends it over TLS (our certificates, Credentials contexts
-and tlslayer over Twisted TCP, as in the daemons) to the back; the back answers each
-request with one line (`SEQ IP PORT`, or `SEQ removed` for a remove) and the
-front writes that answer to the client. No parsing beyond line ends, no
-sessions, no ports, no logging: what Twisted, TLS and the process hops cost
-by themselves on this machine. bench/control.py measures it in the same run
+front, which sends it over TLS (our certificates, Credentials contexts and
+tlslayer over Twisted TCP, writes through mediaproxy.outgoing: as in the
+daemons) to the back; the back answers each request with one line (`SEQ IP
+PORT`, or `SEQ removed` for a remove) and the front writes that answer to
+the client, except that it answers a remove at once and sends it on, as the
+dispatcher does. No parsing beyond line ends, no sessions, no ports, no
+logging: what Twisted, TLS and the process hops cost by themselves on this
+machine. bench/control.py measures it in the same run
 as ours and rtpengine (`control_rate_1_floor`, `control_rate_8_floor`), so
 the figures show how much of our time is the daemons' own work.
 """
@@ -25,6 +27,7 @@ if str(REPO) not in sys.path:
 def front(certs: str, socket_path: str, ip: str, port: int, reactor) -> None:
     from twisted.internet import protocol
 
+    from mediaproxy import outgoing
     from mediaproxy.tls import Credentials
     from mediaproxy.tlslayer import TLSFactory
 
@@ -50,10 +53,17 @@ def front(certs: str, socket_path: str, ip: str, port: int, reactor) -> None:
     class Proxy(protocol.Protocol):
         buffer = b""
 
+        def answer(self, line: bytes) -> None:
+            outgoing.write(self.transport, line)
+
         def dataReceived(self, data):
             *requests, self.buffer = (self.buffer + data).split(b"\r\n\r\n")
             for request in requests:
-                backs[-1].send(request + b"\r\n\r\n", self.transport.write)
+                if request.startswith(b"remove"):        # as the dispatcher: answered, then sent on
+                    self.answer(b"removed\r\n")
+                    backs[-1].send(request + b"\r\n\r\n", lambda line: None)
+                else:
+                    backs[-1].send(request + b"\r\n\r\n", self.answer)
 
     credentials = Credentials(certs, "dispatcher")
     reactor.listenTCP(port, TLSFactory(protocol.Factory.forProtocol(Back), lambda: credentials.ssl_context(True), True),
@@ -90,6 +100,8 @@ def main(argv) -> int:
     epollreactor.install()
     from twisted.internet import reactor
 
+    from mediaproxy import outgoing
+    outgoing.install(reactor)                # the daemons' control writes
     if argv[0] == "front":
         front(argv[1], argv[2], argv[3], int(argv[4]), reactor)
     else:
