@@ -7,6 +7,7 @@ reactor.
 
 import argparse
 import logging
+import gc
 import logging.handlers
 import os
 import signal
@@ -179,10 +180,19 @@ def run(name: str, build_service, level_of, on_sighup=None, argv=None) -> int:
     if options.systemd:
         reactor.callWhenRunning(notify_systemd, "READY=1")
     log.info("%s %s started", name, __version__)
+    reactor.callWhenRunning(_freeze_startup_objects)
     reactor.run()
     log.info("%s stopped", name)
     _remove(pid_path)
     return 0
+
+
+def _freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, Twisted, the configuration, restored sessions: some
+    100,000 objects) out of the cycle collector's passes: a full pass over them stopped a daemon
+    for 12-24 ms, in the middle of the proxy's requests."""
+    gc.collect()
+    gc.freeze()
 
 
 def _handle_stop_signals(reactor) -> None:
