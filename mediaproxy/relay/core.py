@@ -180,7 +180,7 @@ class RelayCore:
             return "error"
         session.close(self, now)
         log.info("session %s removed", request.call_id)
-        return json.dumps(session_statistics(session, self.advertised_ips[session.ip_version], now))
+        return json.dumps(self._final_statistics(session, now))
 
     def summary(self, now: float) -> dict:
         summary = relay_summary(self, now)
@@ -206,7 +206,7 @@ class RelayCore:
         del self.sessions[session.call_id]
         session.close(self, now)
         log.info("session %s expired", session.call_id)
-        return session.owner, session_statistics(session, self.advertised_ips[session.ip_version], now)
+        return session.owner, self._final_statistics(session, now)
 
     def check_timeouts(self, now: float) -> list:
         """End the streams silent for too long; (owner, statistics) of each session that ended with them."""
@@ -229,9 +229,17 @@ class RelayCore:
                     del self.sessions[session.call_id]
                     session.close(self, now)
                     log.info("session %s expired: it has no streams", session.call_id)
-                    expired.append((session.owner, session_statistics(
-                        session, self.advertised_ips[session.ip_version], now)))
+                    expired.append((session.owner, self._final_statistics(session, now)))
         return expired
+
+    def _final_statistics(self, session, now: float) -> dict:
+        """The statistics of a session that has ended. Then its streams' reference cycles (leg and
+        stream, leg and leg) are broken: the session is freed at once, not by the cycle collector,
+        whose passes over the garbage of some fifty calls at a time took 1-2 ms each."""
+        statistics = session_statistics(session, self.advertised_ips[session.ip_version], now)
+        for stream in session.all_streams:
+            stream.release()
+        return statistics
 
     def close_all(self, now: float) -> None:
         for session in self.sessions.values():

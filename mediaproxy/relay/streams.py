@@ -138,7 +138,7 @@ class Leg:
         # The per-packet path of user-space forwarding: the common case (a latched party, media
         # seen, codec known) takes no call and as few lookups as possible.
         stream = self.stream
-        if stream.end_time is not None:
+        if stream is None or stream.end_time is not None:       # None: released (see MediaStream.release)
             return None
         peer = self.peer
         if component:
@@ -173,6 +173,8 @@ class Leg:
         kernel relays only the latched party's packets there, and no socket took this one.
         It is counted as dropped; True when the port should listen again, so that the next
         ones are heard (the leg may latch them)."""
+        if self.stream is None:
+            return False
         latched = self.latched_rtcp if component else self.latched_rtp
         self._drop(component, source, latched)
         return latched is None or self.stream.relatch_after is not None
@@ -300,6 +302,12 @@ class MediaStream:
         self.routable = routable          # whether packets may go to an SDP address before a latch
         self.relatch_after = relatch_after    # None: strict source; else seconds of a party's silence
                                               # after which a new source may take its place
+
+    def release(self) -> None:
+        """Break the legs' references back to the stream and to each other, once nothing is
+        asked of an ended stream any more (its session's final statistics are made)."""
+        for leg in (self.caller, self.callee):
+            leg.stream = leg.peer = None
 
     @property
     def legs(self) -> tuple:
