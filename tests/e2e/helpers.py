@@ -223,33 +223,21 @@ def start_uac(
     callee: str = "callee",
     duration_ms: int = 4000,
     timeout: float = 30.0,
+    ipv6: bool = False,
 ) -> UserAgent:
-    """The calling sipp: INVITE to the proxy for sip:service@<callee>, media for ``duration_ms``."""
+    """The calling sipp: INVITE to the proxy for sip:service@<callee>, media for ``duration_ms``;
+    with ``ipv6``, SIP and media on the hosts' IPv6 addresses (Topology.add_ipv6)."""
+    if ipv6:
+        address, callee_host, proxy_host = (topology.address6(host), f"[{topology.address6(callee)}]",
+                                            f"[{topology.address6(proxy)}]")
+    else:
+        address, callee_host, proxy_host = None, topology.address(callee), topology.address(proxy)
     extra = [
-        "-key", "request_uri", f"sip:service@{topology.address(callee)}:{SIP_PORT}",
+        "-key", "request_uri", f"sip:service@{callee_host}:{SIP_PORT}",
         "-d", str(duration_ms),
-        f"{topology.address(proxy)}:{SIP_PORT}",
+        f"{proxy_host}:{SIP_PORT}",
     ]  # fmt: skip
-    return _sipp(topology, host, workdir, UAC_SCENARIO, extra, f"sipp-uac-{host}", timeout)
-
-
-def start_uac6(
-    topology: Topology,
-    workdir: Path,
-    host: str = "caller",
-    proxy: str = "proxy",
-    callee: str = "callee",
-    duration_ms: int = 4000,
-    timeout: float = 30.0,
-) -> UserAgent:
-    """start_uac over IPv6: SIP and media on the hosts' IPv6 addresses (Topology.add_ipv6)."""
-    extra = [
-        "-key", "request_uri", f"sip:service@[{topology.address6(callee)}]:{SIP_PORT}",
-        "-d", str(duration_ms),
-        f"[{topology.address6(proxy)}]:{SIP_PORT}",
-    ]  # fmt: skip
-    return _sipp(topology, host, workdir, UAC_SCENARIO, extra, f"sipp-uac-{host}", timeout,
-                 topology.address6(host))
+    return _sipp(topology, host, workdir, UAC_SCENARIO, extra, f"sipp-uac-{host}", timeout, address)
 
 
 _TRACE_HEADER = re.compile(

@@ -20,7 +20,7 @@ from tests.e2e.helpers import (
     start_dispatcher,
     start_kamailio,
     start_relay,
-    start_uac6,
+    start_uac,
     start_uas,
 )
 from tests.kernel.helpers import MARK, RECORDING_DISPATCHER, Flow, conntrack_entries
@@ -53,7 +53,7 @@ def test_an_ipv6_call_through_kamailio_and_mediaproxy(make_topology, tmp_path):
     management = Management(topo)
 
     uas = start_uas(topo, tmp_path / "sipp", address=callee6)
-    uac = start_uac6(topo, tmp_path / "sipp", duration_ms=CALL_MS)
+    uac = start_uac(topo, tmp_path / "sipp", duration_ms=CALL_MS, ipv6=True)
 
     # The kernel carries the call's RTP with an IPv6 entry with the relay's mark.
     def in_the_kernel():

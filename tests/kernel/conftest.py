@@ -9,6 +9,7 @@ temporary directories) is removed at teardown, also after a failure; a
 failing test gets the tail of every daemon's log in its report.
 """
 
+import contextlib
 import shutil
 
 import pytest
@@ -37,16 +38,22 @@ def make_rig(kernel_tools, make_topology, processes, tmp_path):  # noqa: F811
     """Factory ``make_rig(sysctls=None) -> Rig``: namespaces proxy, relay1,
     caller, callee (``sysctls`` per host on top of the defaults, e.g. short
     conntrack timeouts for relay1) and the recording dispatcher in proxy."""
-    made = []
+    with rigs_made(processes) as made:
+        def factory(sysctls=None):
+            topo = make_topology(HOSTS, sysctls)
+            rig, workdir = build_rig(topo, tmp_path)
+            made.append((rig, workdir))
+            return rig
 
-    def factory(sysctls=None):
-        topo = make_topology(HOSTS, sysctls)
-        rig, workdir = build_rig(topo, tmp_path)
-        made.append((rig, workdir))
-        return rig
-
-    try:
         yield factory
+
+
+@contextlib.contextmanager
+def rigs_made(processes):
+    """A list for the (rig, workdir) a factory fixture makes: closed, stopped and removed at the end."""
+    made = []
+    try:
+        yield made
     finally:
         try:
             for rig, _ in made:

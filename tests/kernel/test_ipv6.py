@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from tests.kernel.conftest import TOOLS
+from tests.kernel.conftest import TOOLS, rigs_made
 from tests.kernel.helpers import (
     CALLEE_PORT,
     CALLER_PORT,
@@ -53,27 +53,17 @@ def make_rig6(make_topology, processes, tmp_path):    # (fixtures of tests/kerne
     missing = [tool for tool in (*TOOLS, "ip6tables-legacy") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"missing tools: {', '.join(missing)}")
-    made = []
+    with rigs_made(processes) as made:
+        def factory(relay_sysctls=None):
+            sysctls = ipv6_sysctls(HOSTS, {"relay1": {"net.ipv6.conf.all.forwarding": "1", **(relay_sysctls or {})}})
+            topo = make_topology(HOSTS, sysctls)
+            topo.add_ipv6()
+            rig, workdir = build_rig(topo, tmp_path, dispatcher_extra={"Dispatcher": {"listen": "[::]:25060"}},
+                                     san_ips=(topo.address6("proxy"), RELAY6))
+            made.append((rig, workdir))
+            return rig
 
-    def factory(relay_sysctls=None):
-        sysctls = ipv6_sysctls(HOSTS, {"relay1": {"net.ipv6.conf.all.forwarding": "1", **(relay_sysctls or {})}})
-        topo = make_topology(HOSTS, sysctls)
-        topo.add_ipv6()
-        rig, workdir = build_rig(topo, tmp_path, dispatcher_extra={"Dispatcher": {"listen": "[::]:25060"}},
-                                 san_ips=(topo.address6("proxy"), RELAY6))
-        made.append((rig, workdir))
-        return rig
-
-    try:
         yield factory
-    finally:
-        try:
-            for rig, _ in made:
-                rig.close()
-            processes.stop_all()
-        finally:
-            for _, workdir in made:
-                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def start_relay6(rig, options=None):
