@@ -189,6 +189,13 @@ class Dispatcher:
         self._busy_calls[parsed.call_id] = collections.deque()
         exchange.start()
 
+    def unreadable_proxy_request(self, error) -> None:
+        """A request of the proxy that could not be read (a bad header line, too large, not UTF-8):
+        it is answered error by the front end, and counted as malformed."""
+        log.warning("bad request from the proxy: %s", error)
+        command = (error.command or "").partition(" ")[0].lower()
+        self.counters.request_done(command, MALFORMED, self.counters.timer())
+
     def _exchange_done(self, call_id: str) -> None:
         waiting = self._busy_calls[call_id]
         if waiting:

@@ -84,7 +84,7 @@ class ProxyProtocol(Protocol):
         for request in self.reader.feed(data):
             ready = self.replies.reserve()
             if isinstance(request, FramingError):
-                log.warning("bad request from the proxy: %s", request)
+                self.dispatcher.unreadable_proxy_request(request)
                 ready(ERROR_LINE)
                 continue
             answer = _LineAnswer(ready)

@@ -42,6 +42,9 @@ class PendingDispatcher:
         self.commands.append((command, deferred))
         return deferred
 
+    def unreadable_proxy_request(self, error):
+        pass
+
 
 class Relay:
     """A relay link that answers at once."""
@@ -97,17 +100,18 @@ def test_replies_keep_the_request_order_when_a_later_one_is_ready_first():
     assert written(proxy.transport) == b"error\r\n"
 
 
-@pytest.mark.parametrize("bad", [
-    b"update\r\nno colon\r\n\r\n",                                       # bad header line
-    b"update\r\ntype: request\r\ncseq: 1\r\nfrom_tag: a\r\n\r\n",       # no call_id
-    b"update\r\n" + b"x: " + b"y" * 70000 + b"\r\n\r\n",                 # oversized
-    b"update\r\ncall_id: c\xff\r\n\r\n",                                 # not UTF-8
-    b"subscribe\r\ncall_id: c1\r\n\r\n",                                 # unknown command
+@pytest.mark.parametrize("bad, counted_as", [
+    (b"update\r\nno colon\r\n\r\n", "update"),                                       # bad header line
+    (b"update\r\ntype: request\r\ncseq: 1\r\nfrom_tag: a\r\n\r\n", "update"),       # no call_id
+    (b"update\r\n" + b"x: " + b"y" * 70000 + b"\r\n\r\n", "update"),                 # oversized
+    (b"update\r\ncall_id: c\xff\r\n\r\n", "update"),                                 # not UTF-8
+    (b"subscribe\r\ncall_id: c1\r\n\r\n", "other"),                                  # unknown command
 ])
-def test_a_malformed_request_gets_error_and_the_next_request_works(dispatcher, bad):
+def test_a_malformed_request_gets_error_is_counted_and_the_next_request_works(dispatcher, bad, counted_as):
     proxy = proxy_connection(dispatcher)
     proxy.dataReceived(bad)
     assert written(proxy.transport) == b"error\r\n"
+    assert dispatcher.counters.requests[counted_as].outcomes == {"malformed": 1}
     proxy.dataReceived(UPDATE % b"c1")
     assert written(proxy.transport) == b"10.1.0.1 40000\r\n"
     assert not proxy.transport.disconnecting
