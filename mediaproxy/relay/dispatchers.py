@@ -169,15 +169,22 @@ def resolve_dispatcher(host: str, port, resolver):
     return addresses
 
 
+def link_source(relay_addresses: dict, dispatcher_ip: str):
+    """The address a link to the dispatcher at `dispatcher_ip` leaves from: relay_ip of that
+    address's family, as the dispatcher knows the relay by it; None lets the routes choose (no
+    relay_ip of that family)."""
+    return relay_addresses.get(6 if ":" in dispatcher_ip else 4)
+
+
 class DispatcherPool(service.MultiService):
     """Keeps one ClientService per dispatcher address, following DNS."""
 
-    def __init__(self, entries, factory, credentials, bind_ip, reactor, reconnect_delay, dns_check_interval):
+    def __init__(self, entries, factory, credentials, relay_addresses, reactor, reconnect_delay, dns_check_interval):
         super().__init__()
         self.entries = entries
         self.factory = factory
         self.credentials = credentials
-        self.bind_ip = bind_ip
+        self.relay_addresses = relay_addresses      # {4: ip, 6: ip} of relay_ip, {} when not set
         self.reactor = reactor
         self.reconnect_delay = reconnect_delay
         self.dns_check_interval = dns_check_interval
@@ -221,7 +228,8 @@ class DispatcherPool(service.MultiService):
 
     def _connect(self, address, name):
         host, port = address
-        bind = (self.bind_ip, 0) if self.bind_ip else None
+        source = link_source(self.relay_addresses, host)
+        bind = (source, 0) if source else None
         tcp = endpoints.TCP6ClientEndpoint if ":" in host else endpoints.TCP4ClientEndpoint
         endpoint = tcp(self.reactor, host, port, timeout=10, bindAddress=bind)
         delay = self.reconnect_delay

@@ -9,7 +9,7 @@ from twisted.application import internet, service
 
 from mediaproxy.relay.core import RelayCore
 from mediaproxy.relay.dispatchers import DispatcherLinkFactory, DispatcherPool
-from mediaproxy.relay.forwarding import ip_version, primary_version
+from mediaproxy.relay.forwarding import primary_version
 from mediaproxy.relay.kernel.adoption import saved_flows
 from mediaproxy.relay.kernel.forwarding import KernelForwarding
 from mediaproxy.relay.kernel.setup import KernelUnavailable, start_kernel_path
@@ -52,28 +52,6 @@ def default_route_addresses() -> dict:
     if not addresses:
         raise StartupError("there is no default route to take the relay's address from: set [Relay] relay_ip")
     return addresses
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def dispatcher_link_source(relay_addresses: dict, dispatchers) -> str:
-    """The relay address the links to the dispatchers leave from (the dispatchers know a relay by
-    it), or None to let the routes choose: when relay_ip is not set, or the dispatchers' IP
-    version is not known in advance (names) and the relay has addresses of both."""
-    if not relay_addresses:
-        return None
-    if all(_is_ip(host) for host, _ in dispatchers):
-        versions = {ip_version(str(ipaddress.ip_address(host))) for host, _ in dispatchers}
-        if len(versions) == 1:
-            return relay_addresses.get(versions.pop())
-        return None
-    return next(iter(relay_addresses.values())) if len(relay_addresses) == 1 else None
 
 
 def routable_predicate(private_ranges):
@@ -130,7 +108,7 @@ class RelayService(service.MultiService):
                                         config.keepalive_interval, reactor, config.verify_dispatcher_names)
         factory.handshake_timeout = configuration.tls.handshake_timeout      # read by mediaproxy.peer
         self.pool = DispatcherPool(config.dispatchers, factory, self.credentials,
-                                   dispatcher_link_source(config.relay_addresses, config.dispatchers), reactor,
+                                   config.relay_addresses, reactor,
                                    config.reconnect_delay, config.dns_check_interval)
         self.pool.setServiceParent(self)
         sampler = internet.TimerService(config.traffic_sampling_period, self._sample_traffic)

@@ -20,7 +20,7 @@ from mediaproxy.relay.kernel.ctnetlink import Entry, Tuple5
 from mediaproxy.relay.kernel.parking import port_range_filter6, udp_ports6
 from mediaproxy.relay.kernel.prerequisites import missing_forwarding, missing_prerequisites
 from mediaproxy.relay.ports import PortPool
-from mediaproxy.relay.service import dispatcher_link_source
+from mediaproxy.relay.dispatchers import link_source
 from mediaproxy.relay.session import session_from_state, session_state
 from mediaproxy.relay.state import RelayState, load_state, save_state
 from mediaproxy.relay.streams import CALLEE, CALLER, RTCP, RTP, MediaStream
@@ -61,13 +61,11 @@ def test_a_bad_relay_address_list_stops_start_up_naming_section_key_and_value(ke
 
 def test_the_links_to_the_dispatchers_leave_from_the_relay_address_of_their_family():
     both = {4: RELAY4, 6: RELAY6}
-    assert dispatcher_link_source(both, (("2001:db8::1", 25060),)) == RELAY6
-    assert dispatcher_link_source(both, (("192.0.2.1", 25060),)) == RELAY4
-    assert dispatcher_link_source(both, (("192.0.2.1", 25060), ("2001:db8::1", None))) is None
-    assert dispatcher_link_source(both, (("dispatcher.example.com", None),)) is None     # the route chooses
-    assert dispatcher_link_source({4: RELAY4}, (("dispatcher.example.com", None),)) == RELAY4
-    assert dispatcher_link_source({4: RELAY4}, (("2001:db8::1", 25060),)) is None
-    assert dispatcher_link_source({}, (("192.0.2.1", 25060),)) is None
+    assert link_source(both, "2001:db8::1") == RELAY6
+    assert link_source(both, "192.0.2.1") == RELAY4
+    assert link_source({4: RELAY4}, "192.0.2.1") == RELAY4
+    assert link_source({4: RELAY4}, "2001:db8::1") is None          # the routes choose
+    assert link_source({}, "192.0.2.1") is None                     # relay_ip not set
 
 
 # -- the IP version of a session --
