@@ -288,7 +288,7 @@ class RelayCore:
             for leg in stream.legs:
                 if leg.port in refused or leg.port in opened:
                     raise PortUnavailable(leg.port)
-                self._open(leg.port, leg, ip_version)
+                self.forwarding.open(leg.port, leg, ip_version)
                 opened.add(leg.port)
                 mine.append(leg.port)
         except (PortUnavailable, OSError) as e:
@@ -332,18 +332,12 @@ class RelayCore:
             raise
         return stream
 
-    def _open(self, port: int, receiver, ip_version) -> None:
-        if ip_version is None:
-            self.forwarding.open(port, receiver)
-        else:
-            self.forwarding.open(port, receiver, ip_version)
-
     def _bind(self, stream: MediaStream, party: str, ip_version=None) -> int:
         receiver = stream.leg(party)       # a leg is its party's packet path
         for _ in range(MAX_BIND_ATTEMPTS):
             port = self.ports.allocate()
             try:
-                self._open(port, receiver, ip_version)
+                self.forwarding.open(port, receiver, ip_version)
             except PortUnavailable:
                 log.warning("port pair %d/%d is in use by another program: set aside", port, port + 1)
                 self.ports.set_aside(port)

@@ -34,7 +34,7 @@ class FakeForwarding:
         self.sockets, self.receivers, self.listened = {}, {}, []
         self.kernel_ports = set()
 
-    def open(self, port, receiver):
+    def open(self, port, receiver, ip_version=None):
         self.receivers[port] = receiver
         for p in (port, port + 1):
             self.sockets[p] = self.listen(p, receiver)

@@ -175,10 +175,10 @@ class OutOfDescriptors(MemoryForwarding):
 
     exhausted = True
 
-    def open(self, port, receiver):
+    def open(self, port, receiver, ip_version=None):
         if self.exhausted:
             raise OSError(24, "Too many open files")
-        super().open(port, receiver)
+        super().open(port, receiver, ip_version)
 
 
 def test_without_descriptors_an_offer_is_error_no_port_is_lost_and_it_recovers():

@@ -109,30 +109,28 @@ class _Catcher:
         return self.sock.fileno()
 
     def doRead(self):
-        if self.ipv6:
-            return self._read6()
+        packet_of = self._packet6 if self.ipv6 else self._packet4
         for _ in range(READS_PER_TURN):
             try:
-                packet = self.sock.recv(UDP_HEADER_END)
+                packet = packet_of()
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                    log.error("the raw socket that wakes up parked ports failed: %s", e)
+                    log.error("the raw IPv%d socket that wakes up parked ports failed: %s", 6 if self.ipv6 else 4, e)
                 return
-            port = destination_port(packet)
-            if port is not None:
-                self.on_packet(port, source_address(packet))
+            if packet is not None:
+                self.on_packet(*packet)
 
-    def _read6(self):
-        for _ in range(READS_PER_TURN):
-            try:
-                datagram, address = self.sock.recvfrom(UDP_HEADER_END)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                    log.error("the raw IPv6 socket that wakes up parked ports failed: %s", e)
-                return
-            ports = udp_ports6(datagram)
-            if ports is not None:
-                self.on_packet(ports[1], (address[0], ports[0]))
+    def _packet4(self):
+        """(destination port, source address) of the next packet, or None; the IP header carries both."""
+        packet = self.sock.recv(UDP_HEADER_END)
+        port = destination_port(packet)
+        return None if port is None else (port, source_address(packet))
+
+    def _packet6(self):
+        """The same for IPv6: a raw IPv6 socket gives the UDP header, and the source with recvfrom."""
+        datagram, address = self.sock.recvfrom(UDP_HEADER_END)
+        ports = udp_ports6(datagram)
+        return None if ports is None else (ports[1], (address[0], ports[0]))
 
     def connectionLost(self, reason):
         pass
