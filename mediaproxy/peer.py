@@ -46,9 +46,14 @@ class VerifiedPeerProtocol(Protocol):
     _verify_call = None
     _handshake_call = None
 
+    _peer_ip = None
+
     @property
     def peer_ip(self) -> str:
-        return unmapped(self.transport.getPeer().host)
+        # asked on every request of the link (the owner of a session, the relay it goes to)
+        if self._peer_ip is None:
+            self._peer_ip = unmapped(self.transport.getPeer().host)
+        return self._peer_ip
 
     def connectionMade(self):
         # A peer that connects and never finishes the handshake (or never speaks)

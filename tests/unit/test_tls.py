@@ -392,8 +392,10 @@ def test_a_failed_handshake_is_one_line_naming_the_certificates_fault(certs, tmp
 
 def test_an_ipv4_peer_of_a_dual_stack_socket_is_known_by_its_ipv4_address(certs):
     from twisted.internet.address import IPv6Address
-    peer = connect(Credentials(str(certs.path), "dispatcher"), x509(certs.relay))
+    credentials = Credentials(str(certs.path), "dispatcher")
+    peer = connect(credentials, x509(certs.relay))
     peer.transport.peerAddr = IPv6Address("TCP", "::ffff:192.0.2.7", 40123)
     assert peer.peer_ip == "192.0.2.7"
+    peer = connect(credentials, x509(certs.relay))
     peer.transport.peerAddr = IPv6Address("TCP", "2001:db8::7", 40123)
     assert peer.peer_ip == "2001:db8::7"
