@@ -181,7 +181,7 @@ class Dispatcher:
             answer("error")
             self.counters.request_done(request.command.lower(), MALFORMED, started)
             return
-        exchange = _Exchange(self, parsed, request.headers, answer, started)
+        exchange = _Exchange(self, parsed, request.headers, answer, started, request.raw)
         waiting = self._busy_calls.get(parsed.call_id)
         if waiting is not None:
             waiting.append(exchange)        # an earlier request of this call is with a relay
@@ -236,7 +236,7 @@ class Dispatcher:
                 exchange.finish("error", RELAY_HALTING)
             else:
                 exchange.finish(result)
-        relay.send("update", exchange.headers, exchange.guarded(answered))
+        relay.send("update", exchange.headers, exchange.guarded(answered), exchange.raw)
 
     def _offer_to_next(self, exchange, candidates) -> None:
         """A new session: to the next relay of the policy's order until one takes it."""
@@ -265,7 +265,7 @@ class Dispatcher:
                 exchange.finish(result)
                 return
             self._offer_to_next(exchange, candidates)
-        relay.send("update", exchange.headers, exchange.guarded(answered))
+        relay.send("update", exchange.headers, exchange.guarded(answered), exchange.raw)
 
     def _remove(self, exchange) -> None:
         call_id = exchange.request.call_id
@@ -290,9 +290,9 @@ class Dispatcher:
         del self.sessions[call_id]
         self.removing[call_id] = record
         exchange.finish("removed")
-        self._send_remove(relay, call_id, exchange.headers)
+        self._send_remove(relay, call_id, exchange.headers, exchange.raw)
 
-    def _send_remove(self, relay, call_id: str, headers) -> None:
+    def _send_remove(self, relay, call_id: str, headers, raw=None) -> None:
         def answered(result):
             record = self.removing.pop(call_id, None)
             if isinstance(result, RelayError):
@@ -313,7 +313,7 @@ class Dispatcher:
                 log.error("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
             elif statistics:
                 self.session_ended(record, statistics, timed_out=False)
-        relay.send("remove", headers, answered)
+        relay.send("remove", headers, answered, raw)
 
     def late_answer(self, link, command: str, headers, result: str) -> None:
         """A relay answered a command after we gave up on it and moved on."""
@@ -404,12 +404,13 @@ class _Exchange:
     """One request of the proxy module on its way through the dispatcher: answered exactly once,
     and then the next waiting request of the same call goes."""
 
-    __slots__ = ("dispatcher", "request", "headers", "started", "_answer", "_finished")
+    __slots__ = ("dispatcher", "request", "headers", "raw", "started", "_answer", "_finished")
 
-    def __init__(self, dispatcher: Dispatcher, request, headers, answer, started: float):
+    def __init__(self, dispatcher: Dispatcher, request, headers, answer, started: float, raw=None):
         self.dispatcher = dispatcher
         self.request = request              # UpdateRequest or RemoveRequest
         self.headers = headers              # as the proxy sent them: forwarded to the relay
+        self.raw = raw                      # the same, as the header lines came (None: not known)
         self.started = started              # counters.timer() when it came: its latency
         self._answer = answer
         self._finished = False

@@ -103,8 +103,9 @@ class RelayLink(VerifiedPeerProtocol):
         except Exception:
             log.exception("handling an answer of relay %s failed", self.ip)
 
-    def send(self, name: str, headers, answered) -> None:
-        """Send a command; `answered` gets its result text, or a RelayError, once."""
+    def send(self, name: str, headers, answered, raw=None) -> None:
+        """Send a command; `answered` gets its result text, or a RelayError, once. `raw`: the
+        headers as the proxy sent them (framing.Request.raw), forwarded as they are."""
         if not self.connected_link:
             self._answer(answered, RelayGone("relay %s is not connected" % self.ip))
             return
@@ -112,7 +113,7 @@ class RelayLink(VerifiedPeerProtocol):
         self.pending[self.seq] = (answered, name, headers, self.clock.seconds() + self.timeout)
         if self._timeout_call is None:
             self._timeout_call = self.clock.callLater(self.timeout, self._check_timeouts)
-        self.transport.write(encode_command(name, self.seq, headers or {}))
+        self.transport.write(encode_command(name, self.seq, headers or {}, raw))
 
     def send_command(self, name: str, headers=None) -> defer.Deferred:
         """`send`, with the answer as a Deferred (which fails with the RelayError)."""

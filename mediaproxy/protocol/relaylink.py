@@ -14,7 +14,7 @@ TEXT, case-insensitive (the management interface's `find`).
 
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 from mediaproxy.protocol.framing import Request, encode_line, encode_request, is_number
 
@@ -50,8 +50,9 @@ class Expired:
     statistics: dict
 
 
-def encode_command(name: str, seq: int, headers: Mapping[str, str]) -> bytes:
-    return encode_request("%s %d" % (name, seq), headers)
+def encode_command(name: str, seq: int, headers: Mapping[str, str], raw: Optional[str] = None) -> bytes:
+    """`raw`: the header lines of the proxy's request as they came (framing.Request.raw), if known."""
+    return encode_request("%s %d" % (name, seq), headers, raw)
 
 
 def parse_command(request: Request) -> Command:

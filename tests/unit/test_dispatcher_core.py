@@ -46,7 +46,7 @@ class FakeRelay:
                 deferred.errback(e)
         return deferred
 
-    def send(self, name, headers, answered):
+    def send(self, name, headers, answered, raw=None):
         self.send_command(name, headers).addCallbacks(answered, lambda failure: answered(failure.value))
 
     def names(self, name="update"):
@@ -311,7 +311,7 @@ def test_the_proxy_has_its_answer_to_remove_before_the_relay_answers(dispatcher,
     relay, = connect(dispatcher, FakeRelay("10.1.0.1", replying("10.1.0.1 40000")))
     result(dispatcher.proxy_request(update()))
     relay.answer = lambda name, headers: None            # the relay has not answered the remove yet
-    relay.send = lambda name, headers, answered: relay.held.append((name, answered))
+    relay.send = lambda name, headers, answered, raw=None: relay.held.append((name, answered))
     relay.held = []
     assert result(dispatcher.proxy_request(remove())) == "removed"
     assert [name for name, _ in relay.held] == ["remove"] and backend.saved == []

@@ -35,7 +35,7 @@ class ScriptedRelay:
         self.sent = []              # (command, answered) in order
         self.transport = None
 
-    def send(self, name, headers, answered):
+    def send(self, name, headers, answered, raw=None):
         self.sent.append((name, answered))
         answer = self.answers.get(name)
         if callable(answer):

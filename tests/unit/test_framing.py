@@ -2,6 +2,8 @@
 requests out, limits enforced, a bad request answered once and skipped."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mediaproxy.protocol.framing import (FramingError, Line, LineSplitter, Request, RequestReader,
                                          encode_line, encode_request)
@@ -182,6 +184,46 @@ def test_encode_request_reads_back_as_the_same_request():
     assert data == b"update 7\r\ncall_id: a@b\r\nmedia: audio:1.2.3.4:5:sendrecv\r\n\r\n"
     assert RequestReader().feed(data) == [Request("update 7", {"call_id": "a@b",
                                                                "media": "audio:1.2.3.4:5:sendrecv"})]
+
+
+def test_the_header_lines_of_a_request_read_whole_are_forwarded_as_they_came():
+    # what the dispatcher sends the relay: the proxy's header lines untouched, command line changed
+    data = b"update\r\nCall_ID:  a@b \r\nmedia: audio:1.2.3.4:5:sendrecv\r\n\r\n"
+    request, = RequestReader().feed(data)
+    assert request.raw == "Call_ID:  a@b \r\nmedia: audio:1.2.3.4:5:sendrecv\r\n"
+    forwarded = encode_request("update 7", {}, request.raw)
+    assert forwarded == b"update 7\r\nCall_ID:  a@b \r\nmedia: audio:1.2.3.4:5:sendrecv\r\n\r\n"
+    assert RequestReader().feed(forwarded) == [Request("update 7", request.headers)]
+
+
+def test_a_request_without_headers_is_forwarded_without_headers():
+    request, = RequestReader().feed(b"remove\r\n\r\n")
+    assert request.raw == "" and encode_request("remove 3", {}, request.raw) == b"remove 3\r\n\r\n"
+
+
+header_names = st.sampled_from(["call_id", "Media", " to_tag ", "from_tag", "x", "two words", "", "café"])
+header_values = st.sampled_from(["", "a@b", " v ", "audio:1.2.3.4:5:sendrecv", "a:b:c", "é", "\r", "x" * 40])
+header_lines = st.one_of(st.builds("{}:{}".format, header_names, header_values),
+                         st.sampled_from(["no colon", "", "ping", "\n"]))
+commands = st.sampled_from(["update", "remove 5", " update ", "ping", "", "x" * 60])
+request_texts = st.builds(lambda command, lines: "\r\n".join([command] + lines) + "\r\n\r\n",
+                          commands, st.lists(header_lines, max_size=6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(request_texts, min_size=1, max_size=3).map("".join))
+def test_requests_read_whole_are_what_the_line_by_line_reader_makes_of_them(text):
+    # the fast path (whole requests in one read) and the line by line path agree on everything,
+    # and a request's raw header lines, forwarded, read back as the same request
+    data = text.encode("utf-8")
+
+    def reader():
+        return RequestReader(single_lines=["ping"], max_line_length=100, max_headers=4, max_request_size=120)
+    whole = reader().feed(data)
+    assert [repr(event) for event in whole] == [repr(event) for event in feed_bytewise(reader(), data)]
+    for event in whole:
+        if isinstance(event, Request) and event.raw is not None:
+            assert reader().feed(encode_request(event.command, {}, event.raw)) == [event]
 
 
 def test_encode_line_ends_with_crlf_and_refuses_line_breaks():

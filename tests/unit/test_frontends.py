@@ -53,7 +53,7 @@ class Relay:
         self.ip, self.active, self.halting = ip, True, False
         self.transport = None
 
-    def send(self, name, headers, answered):
+    def send(self, name, headers, answered, raw=None):
         self.send_command(name, headers).addCallback(answered)
 
     def send_command(self, name, headers=None):
