@@ -56,6 +56,42 @@ class _Formatter(logging.Formatter):
         return "%s,%03d" % (self._second_text, record.msecs)
 
 
+class _TurnBufferedHandler(logging.StreamHandler):
+    """Log lines to a stream in one write per reactor turn instead of one each (a busy daemon logs
+    a few lines for every call); a warning or worse is written at once. `write_out` is called at
+    the end of every turn (outgoing.at_turn_end) and when logging shuts down."""
+
+    def __init__(self, fd: int):
+        super().__init__(open(fd, "w", buffering=1 << 16, encoding="utf-8", errors="backslashreplace",
+                              closefd=False))
+        self.waiting = False
+
+    def flush(self):
+        """What emit calls after every line: the lines wait for write_out."""
+
+    def emit(self, record):
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            self.write_out()
+        else:
+            self.waiting = True
+
+    def write_out(self):
+        self.acquire()
+        try:
+            self.waiting = False
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass                # the terminal or file is gone: nothing else to tell it to
+        finally:
+            self.release()
+
+    def close(self):
+        self.write_out()
+        super().close()
+
+
 def setup_logging(name: str, options, level: int) -> None:
     # Session lines are logged on every request: leave out what the formats here never show
     # (the logging HOWTO's "Optimization": the caller's frame, thread and multiprocessing names).
@@ -66,15 +102,18 @@ def setup_logging(name: str, options, level: int) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     if options.no_fork:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _TurnBufferedHandler(sys.stderr.fileno())
         handler.setFormatter(_Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     elif options.systemd:
-        handler = logging.StreamHandler(sys.stderr)      # the journal adds time and name
+        handler = _TurnBufferedHandler(sys.stderr.fileno())      # the journal adds time and name
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     else:
         handler = logging.handlers.SysLogHandler(address="/dev/log", facility="daemon")
         handler.setFormatter(logging.Formatter(name + "[%(process)d]: %(levelname)s: %(message)s"))
     root.addHandler(handler)
+    if isinstance(handler, _TurnBufferedHandler):
+        from mediaproxy import outgoing
+        outgoing.at_turn_end(lambda: handler.waiting and handler.write_out())
     root.setLevel(logging.DEBUG if options.debug else level)
     # Twisted's own messages (listening ports, connection retries) are chatty at info.
     logging.getLogger("twisted").setLevel(logging.WARNING if not options.debug else logging.DEBUG)

@@ -24,6 +24,7 @@ import logging
 log = logging.getLogger("mediaproxy")
 
 _pending = None         # transport -> [bytes] written in this turn; None: not installed
+_turn_ends = []         # what else is done once a turn, after the writes (see at_turn_end)
 
 
 def install(reactor) -> None:
@@ -31,14 +32,25 @@ def install(reactor) -> None:
     global _pending
     _pending = {}
     poll = _lean_poll(reactor) or reactor.doIteration
+    turn_ends = _turn_ends
 
     def push_poll_push(timeout):
         if _pending:        # written by timers (they run before the poll): the poll may wait long
             push()
+        for turn_end in turn_ends:
+            turn_end()
         poll(timeout)
         if _pending:
             push()
+        for turn_end in turn_ends:
+            turn_end()
     reactor.doIteration = push_poll_push
+
+
+def at_turn_end(callback) -> None:
+    """Call `callback()` after each poll's events have been handled and their writes sent, and
+    before each poll (for what timers did): e.g. to write out the log lines of the turn at once."""
+    _turn_ends.append(callback)
 
 
 def _lean_poll(reactor):
