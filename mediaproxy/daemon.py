@@ -6,17 +6,16 @@ reactor.
 """
 
 import argparse
-import logging
 import gc
-import logging.handlers
+import logging
 import os
 import signal
 import socket
 import sys
-import time
 
 from mediaproxy import __version__
 from mediaproxy.configuration import ConfigError, load_configuration
+from mediaproxy.logs import bridge_twisted_logging, setup_logging
 from mediaproxy.tls import TLSError
 
 log = logging.getLogger("mediaproxy")
@@ -41,88 +40,6 @@ def parse_options(name: str, argv=None):
     parser.add_argument("--debug", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser.parse_args(argv)
-
-
-class _Formatter(logging.Formatter):
-    """The standard format, with the time text made once a second instead of once a line."""
-
-    _second = None
-    _second_text = ""
-
-    def formatTime(self, record, datefmt=None):
-        second = int(record.created)
-        if second != self._second:
-            self._second, self._second_text = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return "%s,%03d" % (self._second_text, record.msecs)
-
-
-class _TurnBufferedHandler(logging.StreamHandler):
-    """Log lines to a stream in one write per reactor turn instead of one each (a busy daemon logs
-    a few lines for every call); a warning or worse is written at once. `write_out` is called at
-    the end of every turn (outgoing.at_turn_end) and when logging shuts down."""
-
-    def __init__(self, fd: int):
-        super().__init__(open(fd, "w", buffering=1 << 16, encoding="utf-8", errors="backslashreplace",
-                              closefd=False))
-        self.waiting = False
-
-    def flush(self):
-        """What emit calls after every line: the lines wait for write_out."""
-
-    def emit(self, record):
-        super().emit(record)
-        if record.levelno >= logging.WARNING:
-            self.write_out()
-        else:
-            self.waiting = True
-
-    def write_out(self):
-        self.acquire()
-        try:
-            self.waiting = False
-            try:
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass                # the terminal or file is gone: nothing else to tell it to
-        finally:
-            self.release()
-
-    def close(self):
-        self.write_out()
-        super().close()
-
-
-def setup_logging(name: str, options, level: int) -> None:
-    # Session lines are logged on every request: leave out what the formats here never show
-    # (the logging HOWTO's "Optimization": the caller's frame, thread and multiprocessing names).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    if options.no_fork:
-        handler = _TurnBufferedHandler(sys.stderr.fileno())
-        handler.setFormatter(_Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    elif options.systemd:
-        handler = _TurnBufferedHandler(sys.stderr.fileno())      # the journal adds time and name
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    else:
-        handler = logging.handlers.SysLogHandler(address="/dev/log", facility="daemon")
-        handler.setFormatter(logging.Formatter(name + "[%(process)d]: %(levelname)s: %(message)s"))
-    root.addHandler(handler)
-    if isinstance(handler, _TurnBufferedHandler):
-        from mediaproxy import outgoing
-        outgoing.at_turn_end(lambda: handler.waiting and handler.write_out())
-    root.setLevel(logging.DEBUG if options.debug else level)
-    # Twisted's own messages (listening ports, connection retries) are chatty at info.
-    logging.getLogger("twisted").setLevel(logging.WARNING if not options.debug else logging.DEBUG)
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)     # its debug lines are per netlink message
-
-
-def bridge_twisted_logging() -> None:
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
 
 
 def daemonize(pid_path: str) -> None:
