@@ -5,7 +5,7 @@ in the order the requests came."""
 import collections
 import logging
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 
 from mediaproxy import outgoing
@@ -121,6 +121,24 @@ class ProxyFactory(ServerFactory):
         protocol = ProxyProtocol(self.dispatcher)
         protocol.factory = self
         return protocol
+
+
+class _ProxyConnection(unix.Server):
+    """A proxy module's connection, read with recv(): Twisted reads UNIX connections with
+    recvmsg() for the descriptors a peer may pass, through a Python wrapper, on every read;
+    the proxy module passes none."""
+    doRead = tcp.Connection.doRead
+
+
+class _ProxyPort(unix.Port):
+    transport = _ProxyConnection
+
+
+def listen_for_proxy(reactor, path: str, dispatcher, mode: int):
+    """The proxy module's UNIX socket (the listening port, started)."""
+    port = _ProxyPort(path, ProxyFactory(dispatcher), mode=mode, reactor=reactor)
+    port.startListening()
+    return port
 
 
 class ManagementProtocol(VerifiedPeerProtocol):

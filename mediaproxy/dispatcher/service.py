@@ -13,7 +13,7 @@ from twisted.internet.error import CannotListenError
 from mediaproxy.accounting.service import Accounting, AccountingError
 from mediaproxy.dispatcher.core import Dispatcher, SessionRecord
 from mediaproxy.dispatcher.dialogs import DialogTerminator
-from mediaproxy.dispatcher.frontends import ManagementFactory, ProxyFactory
+from mediaproxy.dispatcher.frontends import ManagementFactory, listen_for_proxy
 from mediaproxy.dispatcher.relaylink import RelayLinkFactory
 from mediaproxy.dispatcher.state import load_state, save_state
 from mediaproxy.dispatcher.web import make_site
@@ -122,7 +122,7 @@ class DispatcherService(service.MultiService):
         os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
         remove_stale_socket(self.socket_path)
         self.dispatcher.restore(load_state(self.state_path, SessionRecord))
-        self._proxy_port = self.reactor.listenUNIX(self.socket_path, ProxyFactory(self.dispatcher), mode=0o660)
+        self._proxy_port = listen_for_proxy(self.reactor, self.socket_path, self.dispatcher, mode=0o660)
         give_to_group(self.socket_path, self.socket_gid)
         self.dialogs.start()
         give_to_group(self.dialogs.own_socket, self.socket_gid)
