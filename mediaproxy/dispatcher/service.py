@@ -83,7 +83,9 @@ class DispatcherService(service.MultiService):
             self.accounting = Accounting(configuration, reactor)
         except AccountingError as e:
             raise StartupError(str(e)) from None
-        self.dispatcher = Dispatcher(reactor, dialogs=self.dialogs, accounting=[self.accounting])
+        # without a backend nothing reads a removed session's statistics: the relay's answer is not decoded
+        self.dispatcher = Dispatcher(reactor, dialogs=self.dialogs,
+                                     accounting=[self.accounting] if self.accounting.workers else [])
         self.socket_path = configuration.runtime_path(config.socket_path)
         self.socket_gid = group_id(config.socket_group)
         self.state_path = configuration.runtime_path(STATE_FILE)
