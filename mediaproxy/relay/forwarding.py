@@ -61,6 +61,9 @@ class Forwarding(Protocol):
     def status(self) -> dict:
         """What the relay's summary says of its forwarding."""
 
+    def stop(self) -> None:
+        """The relay stops: no more reading or kernel work (what is open stays as it is)."""
+
 
 class MemoryForwarding(StreamListener):
     """Forwarding without sockets, for tests: `deliver` plays a packet, `sent` records the output."""
@@ -89,6 +92,9 @@ class MemoryForwarding(StreamListener):
 
     def status(self) -> dict:
         return {"forwarding": "memory"}
+
+    def stop(self) -> None:
+        pass
 
     def deliver(self, local_port: int, source: Address, data: bytes, now: float = 0.0):
         """A packet arrives on local_port (even: RTP, odd: RTCP); returns what was sent or None."""

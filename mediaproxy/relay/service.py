@@ -227,8 +227,7 @@ class RelayService(service.MultiService):
         now = self.reactor.seconds()
         if not (self.configuration.relay.keep_calls_on_restart and self._save_calls(now)):
             self.core.close_all(now)
-        if isinstance(self.forwarding, KernelForwarding):
-            self.forwarding.stop()
+        self.forwarding.stop()
         return super().stopService()
 
     # Calls carried over a restart (keep_calls_on_restart).

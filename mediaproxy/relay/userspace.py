@@ -7,10 +7,15 @@ goes through the stream's packet path and out of the other leg's socket.
 The sockets are ours, not Twisted's udp.Port: a relay opens and closes four
 for every call, and udp.Port logs two messages for each (built even when
 nobody logs them) and checks the syntax of every destination four times.
+Nor are they the reactor's readers: they are in an epoll of their own
+(MediaPoller), itself one reader of the reactor, so that a socket joins it
+with one epoll_ctl and leaves it by being closed, without the reactor's
+bookkeeping and an epoll_ctl more for each of the four.
 """
 
 import errno
 import logging
+import select
 from _socket import socket as raw_socket
 from socket import AF_INET, AF_INET6, SOCK_DGRAM, SOCK_NONBLOCK
 
@@ -27,7 +32,6 @@ MAX_DATAGRAM = 65535           # never cut a datagram short
 READS_PER_TURN = 64            # datagrams read from one socket before the reactor does something else
 
 
-@implementer(IReadDescriptor)
 class MediaPort:
     """One socket of a port pair (RTP on the even port, RTCP on the odd one)."""
 
@@ -49,7 +53,11 @@ class MediaPort:
         self.forwarding = forwarding
         self.component = port & 1
         self.receiver = receiver
-        forwarding.reactor.addReader(self)
+        try:
+            forwarding.poller.add(self)
+        except OSError:
+            sock.close()
+            raise
 
     def drain(self) -> None:
         """Read all that waits in the socket. Called when the kernel takes this port over: the
@@ -57,9 +65,10 @@ class MediaPort:
         self._read(1 << 62)
 
     def stopListening(self) -> None:
-        if self.socket.fileno() >= 0:
-            self.forwarding.reactor.removeReader(self)
-            self.socket.close()
+        fd = self.socket.fileno()
+        if fd >= 0:
+            self.forwarding.poller.discard(fd)
+            self.socket.close()         # which takes it out of the poller's epoll
 
     def doRead(self):
         self._read(READS_PER_TURN)
@@ -101,8 +110,47 @@ class MediaPort:
             except OSError as e:     # e.g. no route: the packet is lost, the relay goes on
                 log.debug("cannot send to %s:%d: %s", destination[0], destination[1], e)
 
+
+
+@implementer(IReadDescriptor)
+class MediaPoller:
+    """The media sockets' epoll, read by the reactor as one descriptor."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.epoll = select.epoll()
+        self.fileno = self.epoll.fileno
+        self.ports = {}                 # fd -> MediaPort
+        reactor.addReader(self)
+
+    def add(self, port: MediaPort) -> None:
+        fd = port.socket.fileno()
+        self.epoll.register(fd, select.EPOLLIN)
+        self.ports[fd] = port
+
+    def discard(self, fd: int) -> None:
+        """The port of `fd` is closing (closed, it leaves the epoll by itself)."""
+        self.ports.pop(fd, None)
+
+    def doRead(self):
+        ports = self.ports
+        for fd, _ in self.epoll.poll(0, len(ports) or 1):
+            port = ports.get(fd)
+            if port is None:
+                continue
+            try:
+                port.doRead()
+            except Exception:
+                # as the reactor does with a reader that fails: logged, and that socket closed
+                log.exception("media port %d failed: closed", port.socket.getsockname()[1])
+                port.stopListening()
+
+    def stop(self) -> None:
+        self.reactor.removeReader(self)
+        self.epoll.close()
+
     def connectionLost(self, reason):
-        self.socket.close()
+        self.epoll.close()
 
     def logPrefix(self):
         return "media"
@@ -120,6 +168,7 @@ class UserspaceForwarding(StreamListener):
         self.other_version_pairs = {}
         self.clock = reactor
         self.reactor = reactor
+        self.poller = MediaPoller(reactor)
         self.sockets = {}            # port -> MediaPort (both ports of each pair)
         self.receivers = {}          # even port of an open pair -> its stream's packet path
         self.kernel_ports = frozenset()   # ports whose packets the kernel relays (see KernelForwarding)
@@ -152,6 +201,10 @@ class UserspaceForwarding(StreamListener):
         """One socket of a pair, on the address of its pair's IP version; raises CannotListenError."""
         version = self.other_version_pairs.get(port & ~1)
         return MediaPort(self, port, receiver, self.ips[version] if version is not None else None)
+
+    def stop(self) -> None:
+        """No more reading (the relay stops): the sockets are closed with the process or by close."""
+        self.poller.stop()
 
     def ip_of(self, port: int) -> str:
         """The relay address the pair of `port` is open on."""

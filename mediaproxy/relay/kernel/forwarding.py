@@ -119,6 +119,7 @@ class KernelForwarding(UserspaceForwarding):
         self.events.close()
         self._evictor.stop()
         self.parking.stop()
+        super().stop()
 
     # Calls carried over a restart (mediaproxy.relay.kernel.adoption)
 
