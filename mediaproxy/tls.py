@@ -194,15 +194,34 @@ HANDSHAKE, CERTIFICATE = 22, 11       # TLS content type and handshake message t
 TLS1_3 = 0x0304
 
 
+_MSG_CALLBACK = getattr(_ssl._SSLContext, "_msg_callback", None)
+
+
 def _keep_peer_certificates(context: ssl.SSLContext) -> None:
     """Keep the peer's certificate (DER) on each SSLObject as `peer_certificate_der` as soon
     as it arrives, so that a handshake that fails on it can say whose it was: the ssl module
     has no verify callback, and OpenSSL forgets a certificate it rejected. OpenSSL's message
     callback is set on the C context directly (ssl.SSLContext's setter would turn three
-    arguments into enums for every record); without it, failures are told without subject."""
-    setter = getattr(_ssl._SSLContext, "_msg_callback", None)
-    if setter is not None:
-        setter.__set__(context, _seen_message)
+    arguments into enums for every record); without it, failures are told without subject.
+
+    The callback runs for every record of every connection of the context (a call into Python,
+    twice a record): it is set only while a handshake is under way (handshake_started and
+    handshake_ended, from tlslayer), and the connections that are up in the meantime pay for it."""
+    context.handshakes_under_way = 0
+
+
+def handshake_started(context: ssl.SSLContext) -> None:
+    under_way = getattr(context, "handshakes_under_way", 0)
+    if under_way == 0 and _MSG_CALLBACK is not None:
+        _MSG_CALLBACK.__set__(context, _seen_message)
+    context.handshakes_under_way = under_way + 1
+
+
+def handshake_ended(context: ssl.SSLContext) -> None:
+    """Called once for each handshake_started: the handshake completed, failed, or its connection ended."""
+    context.handshakes_under_way -= 1
+    if context.handshakes_under_way == 0 and _MSG_CALLBACK is not None:
+        _MSG_CALLBACK.__set__(context, None)
 
 
 def _seen_message(conn, direction, version, content_type, message_type, data):

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from mediaproxy import outgoing
+from mediaproxy.tls import handshake_ended, handshake_started
 
 READ_SIZE = 65536
 
@@ -38,8 +39,15 @@ class TLSProtocol(ProtocolWrapper):
         super().__init__(factory, wrapped)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = factory.context().wrap_bio(self._incoming, self._outgoing, server_side=factory.server_side)
+        self._context = factory.context()
+        handshake_started(self._context)
+        self._tls = self._context.wrap_bio(self._incoming, self._outgoing, server_side=factory.server_side)
         self._held = []          # written before the handshake ended
+
+    def _handshake_over(self) -> None:
+        if self._context is not None:
+            handshake_ended(self._context)
+            self._context = None
 
     def makeConnection(self, transport):
         super().makeConnection(transport)
@@ -81,6 +89,7 @@ class TLSProtocol(ProtocolWrapper):
             self._send_pending()
             return False
         except ssl.SSLError as e:
+            self._handshake_over()
             if isinstance(e, ssl.SSLCertVerificationError):
                 der = getattr(self._tls, "peer_certificate_der", None)
                 e.peer_certificate = crypto.load_certificate(crypto.FILETYPE_ASN1, der) if der else None
@@ -90,6 +99,7 @@ class TLSProtocol(ProtocolWrapper):
             self.transport.loseConnection()
             return False
         self.handshake_done = True
+        self._handshake_over()
         self._send_pending()
         held, self._held = self._held, []
         for data in held:
@@ -145,6 +155,7 @@ class TLSProtocol(ProtocolWrapper):
         return self._tls
 
     def connectionLost(self, reason):
+        self._handshake_over()
         if self.error is not None:
             reason = Failure(self.error)                # why, rather than how, it ended
         super().connectionLost(reason)

@@ -12,8 +12,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mediaproxy.peer import HANDSHAKE_TIMEOUT, VerifiedPeerProtocol
-from mediaproxy.tls import (Credentials, TLSError, first_certificate, handshake_failure_text, passport_mismatch,
-                            subject_attributes)
+from mediaproxy.tls import (Credentials, TLSError, first_certificate, handshake_failure_text, handshake_started,
+                            passport_mismatch, subject_attributes)
 from tests.support.certs import ago, from_now, make_ca, make_certs_dir
 
 
@@ -247,6 +247,7 @@ def handshake(credentials, client=None):
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         return context.wrap_bio(incoming, outgoing, server_side=server_side), incoming, outgoing
 
+    handshake_started(credentials.ssl_context(True))          # as tlslayer does for each connection
     server = end(credentials.ssl_context(True), True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE

@@ -1,5 +1,6 @@
 """tlslayer: TLS by the standard library under Twisted protocols, two ends in memory."""
 
+import _ssl
 import ssl
 
 import pytest
@@ -100,6 +101,26 @@ def test_a_handshake_then_data_both_ways(certs):
     assert server.received == b"update 1\r\n\r\n" and client.received == b"1 10.0.0.1 40000\r\n"
     wire = pair.client.transport.value()
     assert wire == b"" and b"update" not in pair.server.transport.value()
+
+
+def test_records_are_watched_for_certificates_only_while_a_handshake_is_under_way(certs):
+    # OpenSSL's message callback (what names a refused certificate) costs a call into Python
+    # for every record: set while a connection of the context is in its handshake, not after
+    server_credentials = credentials(certs)
+    context = server_credentials.ssl_context(True)
+    watching = _ssl._SSLContext._msg_callback.__get__
+    first = Pair(server_credentials, credentials(certs, "relay"))
+    second = Pair(server_credentials, credentials(certs, "relay"))
+    assert context.handshakes_under_way == 2 and watching(context) is not None
+    first.pump()
+    assert context.handshakes_under_way == 1 and watching(context) is not None
+    second.end()                                # lost before its handshake ended
+    assert context.handshakes_under_way == 0 and watching(context) is None
+    first.client.write(b"ping\r\n")
+    first.pump()
+    assert first.apps[0].received == b"ping\r\n"
+    first.end()
+    assert context.handshakes_under_way == 0
 
 
 def test_what_is_written_before_the_handshake_waits_for_it(certs):
