@@ -52,37 +52,37 @@ class RemoveRequest:
 
 
 def _required(headers, name):
-    try:
-        return headers[name]
-    except KeyError:
-        raise RequestError("missing %s header" % name) from None
+    value = headers.get(name)
+    if not value:
+        raise RequestError("missing %s header" % name)
+    return value
 
+
+# (The values are read from the headers as they came, an empty one as None: what present_headers
+# makes, without a copy of the headers for every request.)
 
 def parse_update(headers: Mapping[str, str]) -> UpdateRequest:
-    headers = present_headers(headers)
+    get = headers.get
     kind = _required(headers, "type").lower()
     if kind not in ("request", "reply"):
         raise RequestError("bad type %r" % kind[:20])
     cseq_text = (_required(headers, "cseq").split() or [""])[0]
     if not is_number(cseq_text) or int(cseq_text) > MAX_CSEQ:
         raise RequestError("bad cseq %r" % cseq_text[:20])
+    signaling, media_relay, media = get("signaling_ip"), get("media_relay"), get("media")
     try:
-        signaling = parse_signaling_ip(headers["signaling_ip"]) if "signaling_ip" in headers else None
-        media_relay = parse_ip(headers["media_relay"]) if "media_relay" in headers else None
-        media = parse_media(headers["media"]) if "media" in headers else None
+        signaling = parse_signaling_ip(signaling) if signaling else None
+        media_relay = parse_ip(media_relay) if media_relay else None
+        media = parse_media(media) if media else None
     except MediaError as e:
         raise RequestError(str(e)) from None
-    return UpdateRequest(type=kind, call_id=_required(headers, "call_id"),
-                         from_tag=_required(headers, "from_tag"), cseq=int(cseq_text),
-                         to_tag=headers.get("to_tag"), from_uri=headers.get("from_uri"),
-                         to_uri=headers.get("to_uri"), user_agent=headers.get("user_agent"),
-                         dialog_id=headers.get("dialog_id"), media_relay=media_relay,
-                         signaling=signaling, media=media)
+    return UpdateRequest(kind, _required(headers, "call_id"), _required(headers, "from_tag"), int(cseq_text),
+                         get("to_tag") or None, get("from_uri") or None, get("to_uri") or None,
+                         get("user_agent") or None, get("dialog_id") or None, media_relay, signaling, media)
 
 
 def parse_remove(headers: Mapping[str, str]) -> RemoveRequest:
-    headers = present_headers(headers)
-    return RemoveRequest(_required(headers, "call_id"), headers.get("from_tag"), headers.get("to_tag"))
+    return RemoveRequest(_required(headers, "call_id"), headers.get("from_tag") or None, headers.get("to_tag") or None)
 
 
 def parse_proxy_request(request: Request):

@@ -13,7 +13,7 @@ from mediaproxy import logs, outgoing
 
 @pytest.fixture
 def stderr_file(tmp_path, monkeypatch):
-    """A file for the daemon's stderr (setup(...) logs there); the root logger's set-up restored after."""
+    """A file for the daemon's stderr (start_logging logs there); the root logger's set-up restored after."""
     path = tmp_path / "stderr"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     path = SimpleNamespace(fd=fd, read_text=path.read_text)
@@ -29,7 +29,7 @@ def stderr_file(tmp_path, monkeypatch):
     os.close(fd)
 
 
-def setup(stderr_file, **flags):
+def start_logging(stderr_file, **flags):
     logs.setup_logging("media-relay", options(**flags), logging.INFO, fd=stderr_file.fd)
 
 
@@ -49,7 +49,7 @@ def logger(name):
 
 
 def test_info_lines_wait_for_the_end_of_the_turn_and_warnings_do_not(stderr_file):
-    setup(stderr_file, no_fork=True)
+    start_logging(stderr_file, no_fork=True)
     log = logger("mediaproxy.relay")
     log.info("session %s created (%s)", "c1@host", "audio")
     assert stderr_file.read_text() == ""
@@ -62,7 +62,7 @@ def test_info_lines_wait_for_the_end_of_the_turn_and_warnings_do_not(stderr_file
 
 @pytest.mark.parametrize("flags", [{"no_fork": True}, {"systemd": True}])
 def test_a_quick_info_line_is_the_line_the_logging_module_makes(stderr_file, flags):
-    setup(stderr_file, **flags)
+    start_logging(stderr_file, **flags)
     log = logger("mediaproxy.dispatcher")
     log.info("session %s on relay %s", "c1@host", "10.0.0.1")          # the quick path
     logs._quick = None
@@ -75,7 +75,7 @@ def test_a_quick_info_line_is_the_line_the_logging_module_makes(stderr_file, fla
 
 
 def test_what_the_quick_path_cannot_write_takes_the_logging_modules_path(stderr_file, caplog):
-    setup(stderr_file, systemd=True)
+    start_logging(stderr_file, systemd=True)
     log = logger("mediaproxy.relay")
     log.info("%(call)s ended", {"call": "c1"})          # a mapping of values
     log.info("plain text, no arguments")
@@ -87,7 +87,7 @@ def test_what_the_quick_path_cannot_write_takes_the_logging_modules_path(stderr_
 
 
 def test_lines_still_waiting_are_written_when_logging_shuts_down(stderr_file):
-    setup(stderr_file, systemd=True)
+    start_logging(stderr_file, systemd=True)
     logger("mediaproxy.relay").info("media-relay stopped")
     logging.getLogger().handlers[0].close()
     assert stderr_file.read_text() == "INFO: media-relay stopped\n"
