@@ -21,7 +21,7 @@ from mediaproxy.dispatcher.management import ManagementCommands
 from mediaproxy.dispatcher.relaylink import RelayError, RelayTimeout
 from mediaproxy.dispatcher.selection import PreferredThenRandom
 from mediaproxy.protocol.proxy import RequestError, UpdateRequest, parse_proxy_request
-from mediaproxy.protocol.relaylink import decode_answer
+from mediaproxy.protocol.relaylink import NO_STATISTICS, REMOVED, decode_answer
 
 log = logging.getLogger("mediaproxy.dispatcher")
 
@@ -293,6 +293,11 @@ class Dispatcher:
         self._send_remove(relay, call_id, exchange.headers, exchange.raw)
 
     def _send_remove(self, relay, call_id: str, headers, raw=None) -> None:
+        if not self.accounting:
+            # nothing reads the statistics: the relay need not make and send them
+            headers = dict(headers, statistics="no")
+            raw = None if raw is None else raw + NO_STATISTICS
+
         def answered(result):
             record = self.removing.pop(call_id, None)
             if isinstance(result, RelayError):
@@ -304,11 +309,12 @@ class Dispatcher:
                 return
             if record is None:
                 record = self.sessions.pop(call_id, None) or SessionRecord(call_id, relay.ip, self.clock.seconds())
-            if not result.startswith("{"):
+            if not result.startswith("{") and result != REMOVED:
                 log.warning("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
                 return
-            # without accounting nothing reads the statistics of a removed session: not decoded
-            statistics = decode_answer(result) if self.accounting else {}
+            if not self.accounting:
+                return
+            statistics = decode_answer(result)
             if not isinstance(statistics, dict):
                 log.error("session %s: relay %s answered remove with %r", call_id, relay.ip, result[:80])
             elif statistics:

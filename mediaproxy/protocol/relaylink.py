@@ -10,6 +10,11 @@ lists only each session's call_id, from_tag, to_tag and dialog_id, without
 reading the kernel's counters (the full statistics hold the same keys);
 `match: TEXT` lists only the sessions whose call id, tags or URIs contain
 TEXT, case-insensitive (the management interface's `find`).
+
+And of `remove`: the header `statistics: no` (what a dispatcher without
+accounting sends: nothing would read them) has the relay answer `removed`
+instead of the session's statistics; a relay that does not know it sends
+them all the same.
 """
 
 import json
@@ -21,6 +26,8 @@ from mediaproxy.protocol.framing import Request, encode_line, encode_request, is
 COMMANDS = frozenset(["update", "remove", "summary", "sessions"])
 PING = "ping"
 PONG = "pong"
+NO_STATISTICS = "statistics: no\r\n"     # a header line of `remove` (see above)
+REMOVED = "removed"
 
 
 class LinkError(ValueError):

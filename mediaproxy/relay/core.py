@@ -12,6 +12,7 @@ import logging
 from mediaproxy import __version__
 from mediaproxy.protocol.media import MediaError, streams_ip_version
 from mediaproxy.protocol.proxy import RequestError, parse_remove, parse_update
+from mediaproxy.protocol.relaylink import REMOVED
 from mediaproxy.relay.forwarding import Forwarding, PortUnavailable, addresses_by_version, primary_version
 from mediaproxy.relay.ports import PortPool, PortsExhausted
 from mediaproxy.relay.session import Session, session_from_state, session_state
@@ -180,6 +181,9 @@ class RelayCore:
             return "error"
         session.close(self, now)
         log.info("session %s removed", request.call_id)
+        if headers.get("statistics") == "no":           # a dispatcher without accounting
+            self._release(session)
+            return REMOVED
         return json.dumps(self._final_statistics(session, now))
 
     def summary(self, now: float) -> dict:
@@ -237,9 +241,13 @@ class RelayCore:
         stream, leg and leg) are broken: the session is freed at once, not by the cycle collector,
         whose passes over the garbage of some fifty calls at a time took 1-2 ms each."""
         statistics = session_statistics(session, self.advertised_ips[session.ip_version], now)
+        self._release(session)
+        return statistics
+
+    @staticmethod
+    def _release(session) -> None:
         for stream in session.all_streams:
             stream.release()
-        return statistics
 
     def close_all(self, now: float) -> None:
         for session in self.sessions.values():

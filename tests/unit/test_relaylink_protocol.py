@@ -335,6 +335,49 @@ def test_a_relay_link_round_trip(relay, dlink):
     assert dlink.unanswered_pings == 0
 
 
+class Saved:
+    """An accounting back-end that keeps what it is given."""
+
+    def __init__(self):
+        self.records = []
+
+    def save(self, statistics):
+        self.records.append(statistics)
+
+
+@pytest.mark.parametrize("accounting", [False, True])
+def test_the_relay_sends_a_removed_sessions_statistics_only_to_a_dispatcher_that_accounts(relay, dlink,
+                                                                                         accounting):
+    saved = Saved()
+    dispatcher = Dispatcher(Clock(), rng=random.Random(1), accounting=[saved] if accounting else [])
+    link = relay_link(dispatcher)
+    told, answers = [], []
+
+    def pump():
+        while link.transport.value() or dlink.transport.value():
+            commands = written(link.transport)
+            told.append(commands)
+            dlink.dataReceived(commands)
+            answers.append(written(dlink.transport))
+            link.dataReceived(answers[-1])
+    pump()
+    for request in (OFFER.replace(b"update 7", b"update"),
+                    b"update\r\ntype: reply\r\ncall_id: c1\r\ncseq: 1 INVITE\r\nfrom_tag: a\r\nto_tag: b\r\n"
+                    b"media: audio:10.0.0.6:5000:sendrecv\r\n\r\n",
+                    b"remove\r\ncall_id: c1\r\nfrom_tag: a\r\nto_tag: b\r\n\r\n"):
+        outcome = track(dispatcher.proxy_request(RequestReader().feed(request)[0]))
+        pump()
+        assert outcome and outcome[0] != "error"
+    remove = next(commands for commands in told if commands.startswith(b"remove"))
+    assert (b"statistics: no\r\n" in remove) is not accounting
+    seq = remove.split(b"\r\n")[0].split()[1]
+    answer = next(line for data in answers for line in data.split(b"\r\n") if line.startswith(seq + b" "))
+    assert (answer == seq + b" removed") is not accounting
+    assert relay.core.sessions == {} and relay.core.ports.used_count == 0
+    assert [record["call_id"] for record in saved.records] == (["c1"] if accounting else [])
+    assert "c1" not in dispatcher.sessions and "c1" not in dispatcher.removing
+
+
 def test_every_request_the_dispatcher_accepts_is_answered_by_the_relay(relay, dlink):
     dispatcher = Dispatcher(Clock(), rng=random.Random(1))
     link = relay_link(dispatcher)
