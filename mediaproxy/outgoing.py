@@ -24,27 +24,37 @@ import logging
 log = logging.getLogger("mediaproxy")
 
 _pending = None         # transport -> [bytes] written in this turn; None: not installed
+_before_push = None     # callbacks to run once before this turn's writes are sent (see before_push)
 _turn_ends = []         # what else is done once a turn, after the writes (see at_turn_end)
 
 
 def install(reactor) -> None:
     """Send what was written after each poll of `reactor` (a posix reactor), and before it."""
-    global _pending
-    _pending = {}
+    global _pending, _before_push
+    _pending, _before_push = {}, []
     poll = _lean_poll(reactor) or reactor.doIteration
     turn_ends = _turn_ends
 
     def push_poll_push(timeout):
-        if _pending:        # written by timers (they run before the poll): the poll may wait long
+        if _pending or _before_push:    # written by timers (they run before the poll): the poll may wait long
             push()
         for turn_end in turn_ends:
             turn_end()
         poll(timeout)
-        if _pending:
+        if _pending or _before_push:
             push()
         for turn_end in turn_ends:
             turn_end()
     reactor.doIteration = push_poll_push
+
+
+def before_push(callback) -> bool:
+    """Have `callback()` called once before what this turn wrote is sent (TLS seals what a
+    connection was written in the turn as one record); False when not installed: do it now."""
+    if _before_push is None:
+        return False
+    _before_push.append(callback)
+    return True
 
 
 def at_turn_end(callback) -> None:
@@ -98,6 +108,8 @@ def flush(transport) -> None:
 
 def push() -> None:
     """Send what every connection was written in this turn, now."""
+    while _before_push:
+        _before_push.pop(0)()
     while _pending:
         transport, chunks = _pending.popitem()
         _send(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))

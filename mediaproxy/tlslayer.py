@@ -34,6 +34,7 @@ class TLSProtocol(ProtocolWrapper):
     handshake_done = False
     error = None                    # the ssl.SSLError that ended the connection, if one did
     _peer_certificate = None
+    _unsealed = None                # plaintext written in this turn, encrypted before the turn's writes go
 
     def __init__(self, factory, wrapped):
         super().__init__(factory, wrapped)
@@ -120,6 +121,21 @@ class TLSProtocol(ProtocolWrapper):
             return
         if self.disconnecting:
             return
+        if self._unsealed is not None:
+            self._unsealed.append(data)
+        elif outgoing.before_push(self._seal):
+            # what the turn writes goes out as one record: one encryption (and one decryption at
+            # the other end) for the replies of a busy turn instead of one each
+            self._unsealed = [data]
+        else:
+            self._encrypt(data)
+
+    def _seal(self):
+        unsealed, self._unsealed = self._unsealed, None
+        if unsealed and not self.disconnecting:
+            self._encrypt(b"".join(unsealed))
+
+    def _encrypt(self, data):
         self._tls.write(data)
         outgoing.write(self.transport, self._outgoing.read())
 
@@ -129,6 +145,7 @@ class TLSProtocol(ProtocolWrapper):
     def loseConnection(self):
         if self.disconnecting:
             return
+        self._seal()
         self.disconnecting = True
         if self.handshake_done:
             try:

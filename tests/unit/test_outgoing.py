@@ -47,7 +47,7 @@ def reactor():
     reactor = Reactor()
     outgoing.install(reactor)
     yield reactor
-    outgoing._pending = None
+    outgoing._pending = outgoing._before_push = None
 
 
 def turn(reactor):
@@ -86,7 +86,7 @@ def test_what_timers_wrote_leaves_before_the_poll_waits():
         outgoing.write(Transport(sock), b"written by a timer")      # timers run before the poll
         turn(reactor)
     finally:
-        outgoing._pending = None
+        outgoing._pending = outgoing._before_push = None
     assert reactor.sent_at_poll == [[b"written by a timer"]]
 
 

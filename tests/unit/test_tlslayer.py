@@ -11,6 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mediaproxy import outgoing
 from mediaproxy.tls import Credentials, handshake_failure_text, subject_text
 from mediaproxy.tlslayer import TLSFactory
 from tests.support.certs import ago, make_certs_dir
@@ -121,6 +122,36 @@ def test_records_are_watched_for_certificates_only_while_a_handshake_is_under_wa
     assert first.apps[0].received == b"ping\r\n"
     first.end()
     assert context.handshakes_under_way == 0
+
+
+def tls_records(data):
+    count = 0
+    while data:
+        data = data[5 + int.from_bytes(data[3:5], "big"):]
+        count += 1
+    return count
+
+
+class Reactor:
+    def doIteration(self, timeout):
+        pass
+
+
+def test_what_a_connection_is_written_in_a_reactor_turn_is_one_record(certs):
+    pair = Pair(credentials(certs), credentials(certs, "relay"))
+    pair.pump()
+    reactor = Reactor()
+    outgoing.install(reactor)
+    try:
+        pair.server.write(b"7 10.0.0.1 40000\r\n")
+        pair.server.write(b"8 removed\r\n")
+        assert pair.server.transport.value() == b""          # sealed at the end of the turn
+        reactor.doIteration(0)
+        assert tls_records(pair.server.transport.value()) == 1
+    finally:
+        outgoing._pending = outgoing._before_push = None
+    pair.pump()
+    assert pair.apps[1].received == b"7 10.0.0.1 40000\r\n8 removed\r\n"
 
 
 def test_what_is_written_before_the_handshake_waits_for_it(certs):
