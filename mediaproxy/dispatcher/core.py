@@ -260,9 +260,9 @@ class Dispatcher:
                 self.sessions[update.call_id] = SessionRecord(update.call_id, relay.ip, now, update.dialog_id,
                                                               update.from_tag, update.to_tag, now, update.from_uri,
                                                               update.to_uri, update.type)
-                log.info("session %s on relay %s", update.call_id, relay.ip)
                 self.counters.sessions_created += 1
                 exchange.finish(result)
+                log.info("session %s on relay %s", update.call_id, relay.ip)
                 return
             self._offer_to_next(exchange, candidates)
         relay.send("update", exchange.headers, exchange.guarded(answered), exchange.raw)
