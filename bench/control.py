@@ -460,8 +460,9 @@ def run(smoke: bool, workdir: Path) -> dict:
                 notes.append(f"{n} client(s): the floor (the same UNIX socket and TLS hops in Twisted, no work at "
                              f"either end) did {floor:.0f} sessions/s, {floor / ref:.2f} of rtpengine; ours did "
                              f"{ours / floor:.2f} of the floor: the rest is the daemons' own work on each request "
-                             f"(parsing, session state, four UDP sockets opened and closed a call, logging: the "
-                             f"profile below)")
+                             f"(framing and parsing in both daemons, session state, four UDP sockets opened and "
+                             f"closed a call, three log lines a call, TLS; `python -m bench.control_profile` "
+                             f"shows the split)")
         notes.append("hops: a session's three requests wake a process 10 times on their way with ours (the "
                      "dispatcher and the relay for the two updates, the dispatcher alone for the remove, which "
                      "it answers before the relay does) and 6 times with rtpengine (one process); on this "
@@ -471,6 +472,12 @@ def run(smoke: bool, workdir: Path) -> dict:
                      "CPU a session)" % (os.cpu_count() or 1, _client_cost_us(runs)))
         notes.append(f"open loop: {offered:.0f} sessions/s offered (80% of the median 8-client rate; best run "
                      f"{peak:.0f}); p99 of every request, latency from its scheduled time")
+        def p99s(rs):
+            return ", ".join("-" if r["all_p99_ms"] is None else f"{r['all_p99_ms']:.1f}" for r in rs)
+        notes.append(f"open loop p99 of each round (ms): ours {p99s(open_ours)}; rtpengine {p99s(open_ref)}; "
+                     f"the floor {p99s(open_floor)}"
+                     ": the figure pools the rounds, so one round in which this shared machine stalls for some "
+                     "tens of ms (rtpengine's rounds show such stalls too) decides it")
         details["runs"] = [{k: v for k, v in r.items() if k != "_latencies"} for r in runs]
         details["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return {"figures": figures, "rows": rows, "details": details, "notes": notes}
