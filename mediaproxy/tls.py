@@ -168,7 +168,6 @@ class Credentials:
         if crl is not None:
             context.load_verify_locations(self.crl_path)      # OpenSSL takes the CRLs of a PEM file too
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        _keep_peer_certificates(context)
         return context
 
     def problem_with(self, peer) -> str:
@@ -197,20 +196,16 @@ TLS1_3 = 0x0304
 _MSG_CALLBACK = getattr(_ssl._SSLContext, "_msg_callback", None)
 
 
-def _keep_peer_certificates(context: ssl.SSLContext) -> None:
-    """Keep the peer's certificate (DER) on each SSLObject as `peer_certificate_der` as soon
-    as it arrives, so that a handshake that fails on it can say whose it was: the ssl module
-    has no verify callback, and OpenSSL forgets a certificate it rejected. OpenSSL's message
-    callback is set on the C context directly (ssl.SSLContext's setter would turn three
+def handshake_started(context: ssl.SSLContext) -> None:
+    """Keep the peer's certificate (DER) on each SSLObject of `context` as `peer_certificate_der`
+    as soon as it arrives, so that a handshake that fails on it can say whose it was: the ssl
+    module has no verify callback, and OpenSSL forgets a certificate it rejected. OpenSSL's
+    message callback is set on the C context directly (ssl.SSLContext's setter would turn three
     arguments into enums for every record); without it, failures are told without subject.
 
     The callback runs for every record of every connection of the context (a call into Python,
-    twice a record): it is set only while a handshake is under way (handshake_started and
-    handshake_ended, from tlslayer), and the connections that are up in the meantime pay for it."""
-    context.handshakes_under_way = 0
-
-
-def handshake_started(context: ssl.SSLContext) -> None:
+    twice a record): it is set from the first handshake under way to the end of the last one
+    (handshake_ended; tlslayer calls both), and the connections that are up meanwhile pay for it."""
     under_way = getattr(context, "handshakes_under_way", 0)
     if under_way == 0 and _MSG_CALLBACK is not None:
         _MSG_CALLBACK.__set__(context, _seen_message)

@@ -35,7 +35,7 @@ READS_PER_TURN = 64            # datagrams read from one socket before the react
 class MediaPort:
     """One socket of a port pair (RTP on the even port, RTCP on the odd one)."""
 
-    __slots__ = ("socket", "fileno", "forwarding", "component", "receiver", "ipv6")
+    __slots__ = ("socket", "forwarding", "component", "receiver", "ipv6")
 
     def __init__(self, forwarding, port: int, receiver, ip: str = None):
         ip = ip or forwarding.ip
@@ -49,7 +49,6 @@ class MediaPort:
             sock.close()
             raise CannotListenError(ip, port, e) from None
         self.socket = sock
-        self.fileno = sock.fileno
         self.forwarding = forwarding
         self.component = port & 1
         self.receiver = receiver
@@ -109,7 +108,6 @@ class MediaPort:
                 out.socket.sendto(data, destination)
             except OSError as e:     # e.g. no route: the packet is lost, the relay goes on
                 log.debug("cannot send to %s:%d: %s", destination[0], destination[1], e)
-
 
 
 @implementer(IReadDescriptor)

@@ -5,7 +5,7 @@ import pytest
 from mediaproxy.protocol.framing import Request
 from mediaproxy.protocol.media import SignalingInfo
 from mediaproxy.protocol.proxy import (RemoveRequest, RequestError, UpdateRequest, parse_proxy_request,
-                                       parse_remove, parse_update, present_headers)
+                                       parse_remove, parse_update)
 
 INVITE = {
     "type": "request", "dialog_id": "3204:1183", "call_id": "a84b4c76e66710@pc33",
@@ -40,8 +40,8 @@ def test_empty_optional_headers_count_as_absent(name):
     assert with_empty == without
 
 
-def test_present_headers_drops_empty_values():
-    assert present_headers({"a": "", "b": "x"}) == {"b": "x"}
+def test_empty_tags_of_a_remove_count_as_absent():
+    assert parse_remove({"call_id": "c1", "from_tag": "", "to_tag": ""}) == RemoveRequest("c1", None, None)
 
 
 @pytest.mark.parametrize("name", ["call_id", "type", "cseq", "from_tag"])
