@@ -20,14 +20,18 @@ rewritten to its address and a port it allocated.
 
 Clients (bench/control_client.py): separate processes, blocking sockets,
 plain Python, the same loop for both servers; each a run of sequential
-sessions with distinct call ids. Scenarios, interleaved round after round
-(the machine's speed drifts; see bench/README) and medians taken:
+sessions with distinct call ids. The machine's speed drifts by a third
+within seconds (see bench/README), so the servers take turns in slices of a
+fraction of a second, the same client processes switching from one to the
+next, and each round's figures of all servers come from the same seconds;
+the figures are medians over the rounds:
 
-  ours-1, rtpengine-1, ours-8, rtpengine-8      closed loop, 1 and 8 clients
-  open-loop, 8 clients at 80 % of our 8-client peak, measured (closed loop)
-  just before each round (each request sent at its scheduled time, its
-  latency counted from that time): ours, then rtpengine at the same rate
-  for reference.
+  closed loop, 1 and 8 clients: ours, rtpengine, the floor, a quarter of a
+  second each, ten turns a round;
+  open loop, 8 clients: our peak (closed loop, half a second), then ours,
+  rtpengine and the floor, a second each, at 80 % of that peak (each
+  request sent at its scheduled time, its latency counted from that time),
+  four turns a round; a round's p99 is over its open-loop slices.
 
 A third server, the floor (bench/control_floor.py): the same two hops (UNIX
 socket, then TLS with our certificates, in Twisted) with no work at either
@@ -43,6 +47,7 @@ The clients' and the daemons' CPU during every run are in "details".
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -77,16 +82,23 @@ PDEATHSIG = ("setpriv", "--pdeathsig", "KILL")
 KINDS = ("offer", "answer", "remove")
 SERVERS = ("ours", "rtpengine", "floor")     # floor: bench/control_floor.py, the same hops with no work
 FLOOR_PORT = 25070
+SLICE_GAP = 0.01                        # between two slices: the sessions under way end first
 
 
 class Options:
     def __init__(self, smoke: bool):
         self.smoke = smoke
         self.clients = 8
+        # closed loop: a round is `turns` turns of the three servers, `slice` seconds each
         self.rounds = 1 if smoke else 5
-        self.seconds = 0.4 if smoke else 2.5          # one closed-loop run
+        self.turns = 2 if smoke else 10
+        self.slice = 0.1 if smoke else 0.25
+        # open loop: a round is `open_turns` turns of: our peak (closed loop, `peak_slice` s), then
+        # each server at 80 % of that peak for `open_slice` s
         self.open_rounds = 1 if smoke else 3
-        self.open_seconds = 0.5 if smoke else 4.0      # one open-loop run
+        self.open_turns = 1 if smoke else 4
+        self.peak_slice = 0.2 if smoke else 0.5
+        self.open_slice = 0.3 if smoke else 1.0
         self.warmup = 0.2 if smoke else 1.0
 
 
@@ -234,56 +246,109 @@ class Bench:
 
     def run(self, server: str, clients: int, seconds: float, mode: str = "closed",
             session_rate: float | None = None, daemons=None) -> dict:
-        """One run: `clients` clients on `server` ("ours" or "rtpengine") for `seconds`; the summary
-        (and raw latencies). `daemons`: another dispatcher + relay to measure instead of ours (A/B)."""
+        """One run: `clients` clients on `server` ("ours", "rtpengine" or "floor") for `seconds`; the
+        summary (and raw latencies). `daemons`: another dispatcher + relay to measure instead of
+        ours (A/B). `session_rate`: the open loop's rate, all clients together."""
+        piece = {"server": server, "seconds": seconds, "mode": mode}
+        if mode == "open":
+            piece["request_rate"] = 3 * session_rate
+        return self.take_turns(clients, [piece], daemons=daemons)[0]
+
+    def take_turns(self, clients: int, pieces: list[dict], daemons=None) -> list[dict]:
+        """`clients` clients run the slices of `pieces` one after the other ({"server", "seconds",
+        "mode"}; an open-loop slice has a "request_rate" of all clients together, or a "load" and
+        "rate_of": that fraction of what the clients did in that earlier closed slice). The summary
+        of each slice; a slice's daemons' CPU is that of the whole job over their own slices' time
+        (the other servers' daemons are idle meanwhile)."""
         from bench.relay import cpu_seconds
 
-        if server == "floor":
-            # the floor speaks the proxy module's protocol: the clients take it for ours
-            summary = self.run("ours", clients, seconds, mode, session_rate, daemons=self.floor)
-            summary["server"] = "floor"
-            return summary
         self.job_id += 1
         start = time.monotonic() + 0.15          # every client connected and waiting
+        plan = []
+        for number, piece in enumerate(pieces):
+            server = "ours" if piece["server"] == "floor" else piece["server"]   # the floor speaks ours
+            target = daemons or (self.floor if piece["server"] == "floor" else self.daemons)
+            entry = {"server": server, "start": start, "end": start + piece["seconds"],
+                     "mode": piece.get("mode", "closed"),
+                     "target": str(target.socket_path) if server == "ours" else ["127.0.0.1", NG_PORT]}
+            for key in ("load", "rate_of"):
+                if key in piece:
+                    entry[key] = piece[key]
+            plan.append((entry, piece.get("request_rate")))
+            start += piece["seconds"] + SLICE_GAP
         jobs = []
         for index in range(clients):
-            job = {"server": server, "prefix": f"b{os.getpid()}-{self.job_id}-{index}", "start": start,
-                   "end": start + seconds, "mode": mode, "index": index, "clients": clients,
-                   "caller": CALLER_SDP_IP, "callee": CALLEE_SDP_IP, "relay_ip": self.relay_ip,
-                   "port0": 2000 + 20 * index}
-            if server == "ours":
-                job["target"] = str((daemons or self.daemons).socket_path)
-            else:
-                job["target"] = ["127.0.0.1", NG_PORT]
-                job["ports"] = RTPENGINE_PORTS
-            if mode == "open":
-                job["request_rate"] = 3 * session_rate
-            jobs.append(job)
+            slices = []
+            for number, (entry, request_rate) in enumerate(plan):
+                entry = dict(entry, prefix=f"b{os.getpid()}-{self.job_id}-{number}-{index}")
+                if request_rate is not None:
+                    entry["request_rate"] = request_rate
+                slices.append(entry)
+            jobs.append({"slices": slices, "index": index, "clients": clients, "caller": CALLER_SDP_IP,
+                         "callee": CALLEE_SDP_IP, "relay_ip": self.relay_ip, "port0": 2000 + 20 * index,
+                         "ports": RTPENGINE_PORTS})
         pids = self.pids(daemons)
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        answers = self.clients.run(jobs, timeout=seconds + 30)
+        answers = self.clients.run(jobs, timeout=start - time.monotonic() + 30)
         cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        first = min(a["first"] for a in answers)
-        last = max(a["last"] for a in answers)
-        window = max(last - first, 1e-6)
-        sessions = sum(a["sessions"] for a in answers)
-        errors = sum(a["errors"] for a in answers)
-        latencies = {kind: [v for a in answers for v in a["latency_us"][kind]] for kind in KINDS}
-        summary = {
-            "server": server, "clients": clients, "mode": mode, "seconds": round(window, 3),
-            "sessions": sessions, "errors": errors, "rate": round(sessions / window, 1),
-            "failures": [f for a in answers for f in a["failures"]][:5],
-            "latency_ms": {kind: {"p50": _ms(percentile(v, 50)), "p99": _ms(percentile(v, 99)), "n": len(v)}
-                           for kind, v in latencies.items()},
-            "all_p99_ms": _ms(percentile([x for v in latencies.values() for x in v], 99)),
-            # CPU cores used during the run: the clients together, and each daemon
-            "clients_cpu": round(sum(a["cpu"] for a in answers) / window, 3),
-            "daemons_cpu": {name: round((cpu_after[name] - cpu_before[name]) / window, 3) for name in pids},
-        }
-        if mode == "open":
-            summary["offered_rate"] = round(session_rate, 1)
-        summary["_latencies"] = latencies
-        return summary
+        summaries = []
+        for number, piece in enumerate(pieces):
+            results = [a["slices"][number] for a in answers]
+            summaries.append(_summary(piece["server"], clients, piece.get("mode", "closed"), results))
+        busy = collections.Counter()
+        for summary in summaries:
+            busy[summary["server"]] += summary["seconds"]
+        for summary in summaries:
+            server = summary["server"]
+            summary["daemons_cpu"] = {
+                name: round((cpu_after[name] - cpu_before[name]) / max(busy[server], 1e-6), 3)
+                for name in pids if daemons is not None or _belongs(name, server)}
+        return summaries
+
+
+def _summary(server: str, clients: int, mode: str, results: list[dict]) -> dict:
+    """One slice, all clients: rate, latencies (and the raw ones), the clients' CPU."""
+    first = min(a["first"] for a in results)
+    last = max(a["last"] for a in results)
+    window = max(last - first, 1e-6)
+    sessions = sum(a["sessions"] for a in results)
+    latencies = {kind: [v for a in results for v in a["latency_us"][kind]] for kind in KINDS}
+    summary = {
+        "server": server, "clients": clients, "mode": mode, "seconds": round(window, 3),
+        "sessions": sessions, "errors": sum(a["errors"] for a in results), "rate": round(sessions / window, 1),
+        "failures": [f for a in results for f in a["failures"]][:5],
+        "latency_ms": {kind: {"p50": _ms(percentile(v, 50)), "p99": _ms(percentile(v, 99)), "n": len(v)}
+                       for kind, v in latencies.items()},
+        "all_p99_ms": _ms(percentile([x for v in latencies.values() for x in v], 99)),
+        "clients_cpu": round(sum(a["cpu"] for a in results) / window, 3),     # cores, the clients together
+    }
+    if mode == "open":
+        summary["offered_rate"] = round(sum(a.get("request_rate", 0) for a in results) / 3, 1)
+    summary["_latencies"] = latencies
+    return summary
+
+
+def combined(slices: list[dict]) -> dict:
+    """The slices of one server in one round as one run: their sessions over their time."""
+    seconds = sum(s["seconds"] for s in slices)
+    sessions = sum(s["sessions"] for s in slices)
+    latencies = {kind: [v for s in slices for v in s["_latencies"][kind]] for kind in KINDS}
+    first = slices[0]
+    summary = {
+        "server": first["server"], "clients": first["clients"], "mode": first["mode"], "slices": len(slices),
+        "seconds": round(seconds, 3), "sessions": sessions, "errors": sum(s["errors"] for s in slices),
+        "rate": round(sessions / max(seconds, 1e-6), 1),
+        "failures": [f for s in slices for f in s["failures"]][:5],
+        "latency_ms": {kind: {"p50": _ms(percentile(v, 50)), "p99": _ms(percentile(v, 99)), "n": len(v)}
+                       for kind, v in latencies.items()},
+        "all_p99_ms": _ms(percentile([x for v in latencies.values() for x in v], 99)),
+        "clients_cpu": round(sum(s["clients_cpu"] * s["seconds"] for s in slices) / max(seconds, 1e-6), 3),
+        "daemons_cpu": first["daemons_cpu"],
+        "_latencies": latencies,
+    }
+    if first["mode"] == "open":
+        summary["offered_rate"] = round(sum(s["offered_rate"] * s["seconds"] for s in slices) / max(seconds, 1e-6), 1)
+    return summary
 
 
 def _ms(us):
@@ -351,11 +416,15 @@ def run(smoke: bool, workdir: Path) -> dict:
             if warm["errors"] or not warm["sessions"]:
                 raise RuntimeError(f"{server}: warm-up failed: {warm['failures']}")
 
-        # -- closed loop, interleaved: ours-1, rtpengine-1, ours-8, rtpengine-8, per round --
+        # -- closed loop: the servers take turns every `slice` seconds, so that each round's
+        # figures of all three come from the same seconds (this machine's speed drifts) --
         for round_ in range(opts.rounds):
             for clients_n in (1, opts.clients):
+                pieces = [{"server": server, "seconds": opts.slice}
+                          for _ in range(opts.turns) for server in SERVERS]
+                slices = bench.take_turns(clients_n, pieces)
                 for server in SERVERS:
-                    r = bench.run(server, clients_n, opts.seconds)
+                    r = combined([x for x in slices if x["server"] == server])
                     r["round"] = round_
                     runs.append(r)
                     log(f"round {round_ + 1}/{opts.rounds} {server}, {clients_n} client(s): {r['rate']:.0f} "
@@ -379,27 +448,40 @@ def run(smoke: bool, workdir: Path) -> dict:
             figures[key + "_rtpengine"] = median([r["rate"] for r in of("rtpengine", n)])
             figures[key + "_floor"] = median([r["rate"] for r in of("floor", n)])
 
-        # -- open loop at 80 % of our 8-client peak: ours and rtpengine at that same rate --
-        # The peak is measured again (closed loop) just before each round: this machine's speed
-        # drifts by a third over minutes, and 80 % of a rate measured earlier can be all of it now.
+        # -- open loop at 80 % of our 8-client peak: ours, rtpengine and the floor at that same rate --
+        # The peak is measured (closed loop) just before each open slice: this machine's speed drifts
+        # by a third over minutes, and 80 % of a rate measured earlier can be all of it now.
         peak = max(r["rate"] for r in of("ours", opts.clients))
-        offered_rates = []
+        offered_rates, peaks = [], []
         for round_ in range(opts.open_rounds):
-            now_peak = bench.run("ours", opts.clients, opts.seconds)["rate"]
-            offered_rates.append(OPEN_LOOP_LOAD * now_peak)
+            pieces = []
+            for _ in range(opts.open_turns):
+                measured = len(pieces)
+                pieces.append({"server": "ours", "seconds": opts.peak_slice})
+                pieces += [{"server": server, "seconds": opts.open_slice, "mode": "open", "load": OPEN_LOOP_LOAD,
+                            "rate_of": measured} for server in SERVERS]
+            slices = bench.take_turns(opts.clients, pieces)
+            peaks += [x["rate"] for x in slices if x["mode"] == "closed"]
             for server in SERVERS:
-                r = bench.run(server, opts.clients, opts.open_seconds, mode="open", session_rate=offered_rates[-1])
+                r = combined([x for x in slices if x["server"] == server and x["mode"] == "open"])
                 r["round"] = round_
                 runs.append(r)
-                log(f"open loop {round_ + 1}/{opts.open_rounds} {server} at {offered_rates[-1]:.0f} sessions/s "
-                    f"(our peak just before: {now_peak:.0f}): {r['rate']:.0f} done, p99 {r['all_p99_ms']} ms, "
-                    f"errors {r['errors']}")
+                if server == "ours":
+                    offered_rates.append(r["offered_rate"])
+                log(f"open loop {round_ + 1}/{opts.open_rounds} {server} at {r['offered_rate']:.0f} sessions/s "
+                    f"(80% of our peak just before each of its slices): {r['rate']:.0f} done, "
+                    f"p99 {r['all_p99_ms']} ms, errors {r['errors']}")
         offered = median(offered_rates)
         details["open_loop_rates"] = [round(rate, 1) for rate in offered_rates]
+        details["open_loop_peaks"] = [round(rate, 1) for rate in peaks]
         open_ours, open_ref = of("ours", opts.clients, "open"), of("rtpengine", opts.clients, "open")
         open_floor = of("floor", opts.clients, "open")
-        figures["control_p99_ms"] = _pooled(open_ours)
-        ref_p99 = _pooled(open_ref)
+        # each round is a p99 of its own (some 20,000 requests): the figure is the median round's,
+        # as the rates are medians of rounds; the rounds pooled are in the notes
+        figures["control_p99_ms"] = median([r["all_p99_ms"] for r in open_ours])
+        ref_p99 = median([r["all_p99_ms"] for r in open_ref])
+        details["control_p99_ms_pooled"] = _pooled(open_ours)
+        details["control_p99_ms_pooled_rtpengine"] = _pooled(open_ref)
 
         errors = sum(r["errors"] for r in runs)
         if errors:
@@ -433,7 +515,7 @@ def run(smoke: bool, workdir: Path) -> dict:
                     rows.append(_row(f"{kind} p{q} ms, {n} client{'s' if n > 1 else ''} (closed loop)", ours_v,
                                      ref_v, None if not (ours_v and ref_v) else round(ours_v / ref_v, 2),
                                      None, "info"))
-        floor_p99 = _pooled(open_floor)
+        floor_p99 = median([r["all_p99_ms"] for r in open_floor])
         rows.append(_row("p99 latency ms, open loop at the same rate: the floor (the same hops, no work)", floor_p99,
                          ref_p99, None if not (floor_p99 and ref_p99) else round(floor_p99 / ref_p99, 2), None,
                          "info"))
@@ -479,14 +561,16 @@ def run(smoke: bool, workdir: Path) -> dict:
                      "from the server it measures (each client is a blocking Python loop, ~%.0f us of its own "
                      "CPU a session)" % (os.cpu_count() or 1, _client_cost_us(runs)))
         notes.append("open loop: " + ", ".join(f"{rate:.0f}" for rate in offered_rates) + " sessions/s offered "
-                     f"in its rounds (80% of our 8-client rate measured just before each; the best closed-loop "
-                     f"run did {peak:.0f}); p99 of every request, latency from its scheduled time")
+                     f"in its rounds (in each slice 80% of our 8-client rate in the {opts.peak_slice:g} s just "
+                     f"before it, which ranged {min(peaks):.0f}-{max(peaks):.0f}; the best closed-loop round did "
+                     f"{peak:.0f}); p99 of every request, latency from its scheduled time")
         def p99s(rs):
             return ", ".join("-" if r["all_p99_ms"] is None else f"{r['all_p99_ms']:.1f}" for r in rs)
         notes.append(f"open loop p99 of each round (ms): ours {p99s(open_ours)}; rtpengine {p99s(open_ref)}; "
-                     f"the floor {p99s(open_floor)}"
-                     ": the figure pools the rounds, so one round in which this shared machine stalls for some "
-                     "tens of ms (rtpengine's rounds show such stalls too) decides it")
+                     f"the floor {p99s(open_floor)}; the figure is the median round's. All rounds pooled: ours "
+                     f"{details['control_p99_ms_pooled']} ms, rtpengine {details['control_p99_ms_pooled_rtpengine']} "
+                     "ms: a round in which this shared machine stalls for some tens of ms (rtpengine's rounds "
+                     "show such stalls too) decides the pooled figure")
         details["runs"] = [{k: v for k, v in r.items() if k != "_latencies"} for r in runs]
         details["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return {"figures": figures, "rows": rows, "details": details, "notes": notes}

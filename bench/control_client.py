@@ -12,16 +12,20 @@ The same loop drives both (blocking sockets, plain Python, nothing else
 imported), so the client's own cost is the same on both sides. The process
 stays up between jobs: it reads one JSON job a line on stdin and answers one
 JSON line on stdout. A job waits until its start time (CLOCK_MONOTONIC, the
-same in every process), then
+same in every process). A job is a list of slices, each on one server
+from its start time to its end time (so that the servers can take turns
+every fraction of a second and be measured in the same seconds):
 
   closed  runs sessions back to back until the end time;
   open    sends each request at its scheduled time (client j of n sends the
           k-th request of its sequence offer, answer, remove, offer, ... at
           start + (n*k + j) / request_rate) and measures its latency from that
-          time, not from when it could be sent.
+          time, not from when it could be sent; the rate is `load` times the
+          client's own rate in an earlier closed slice (`rate_of`).
 
-The answer: sessions completed, errors (and the first few), every request's
-latency in microseconds by kind, the client's CPU seconds and its wall time.
+The answer, for each slice: sessions completed, errors (and the first few),
+every request's latency in microseconds by kind, the client's CPU seconds and
+its wall time.
 """
 
 import json
@@ -219,7 +223,36 @@ SERVERS = {"ours": Ours, "rtpengine": Rtpengine}
 
 
 def run_job(job: dict) -> dict:
-    client = SERVERS[job["server"]](job)
+    """A job is a list of slices, run one after the other on their servers (the connections kept
+    from one slice to the next): the answer is one result a slice."""
+    clients = {}
+    try:
+        results = []
+        for number, piece in enumerate(job["slices"]):
+            piece = dict(job, **piece)
+            key = (piece["server"], json.dumps(piece["target"]))
+            if key not in clients:
+                clients[key] = SERVERS[piece["server"]](piece)
+            if piece.get("mode") == "open":
+                # this client's share of the rate: `load` times what it did in slice `rate_of`
+                # (a closed-loop slice just before), so the offered rate follows the machine's speed
+                measured = results[piece["rate_of"]]
+                done = 3 * measured["sessions"] / max(measured["wall"], 1e-6)
+                piece["request_rate"] = max(piece["load"] * done, 1.0) * piece["clients"]
+            result, clients[key] = run_slice(clients[key], piece)
+            if piece.get("mode") == "open":
+                result["request_rate"] = round(piece["request_rate"] / piece["clients"], 1)
+            results.append(result)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {"slices": results}
+
+
+def run_slice(client, job: dict):
+    """Sessions on `client` from job["start"] to job["end"]: closed loop (back to back) or open
+    loop (every request at its scheduled time); the result and the client (a new one when the
+    connection to ours broke)."""
     latencies = {kind: [] for kind in KINDS}
     errors, failures = 0, []
     sessions = 0
@@ -230,59 +263,56 @@ def run_job(job: dict) -> dict:
     interval = job["clients"] / job["request_rate"] if open_loop else 0.0
     offset = job["index"] / job["request_rate"] if open_loop else 0.0
     monotonic, sleep = time.monotonic, time.sleep
-    try:
-        now = monotonic()
-        if start > now:
-            sleep(start - now)
-        cpu0 = time.process_time()
-        wall0 = monotonic()
-        last = wall0
-        k = 0                # requests scheduled so far (open loop)
-        i = 0
-        while True:
-            call_id = "%s-%d" % (prefix, i)
-            port = port0 + 2 * (i % 10000)
-            steps = ((client.offer, (call_id, port)), (client.answer, (call_id, port + 20000)),
-                     (client.remove, (call_id,)))
-            if open_loop:
-                if start + offset + k * interval >= end:
-                    break
-            elif monotonic() >= end:
+    now = monotonic()
+    if start > now:
+        sleep(start - now)
+    cpu0 = time.process_time()
+    wall0 = monotonic()
+    last = wall0
+    k = 0                # requests scheduled so far (open loop)
+    i = 0
+    while True:
+        call_id = "%s-%d" % (prefix, i)
+        port = port0 + 2 * (i % 10000)
+        steps = ((client.offer, (call_id, port)), (client.answer, (call_id, port + 20000)),
+                 (client.remove, (call_id,)))
+        if open_loop:
+            if start + offset + k * interval >= end:
                 break
-            ok = True
-            for kind, (step, args) in zip(KINDS, steps):
-                if open_loop:
-                    scheduled = start + offset + k * interval
-                    k += 1
-                    now = monotonic()
-                    if scheduled > now:
-                        sleep(scheduled - now)
-                else:
-                    scheduled = monotonic()
-                try:
-                    step(*args)
-                except (Failed, OSError, ValueError) as e:
-                    errors += 1
-                    if len(failures) < 5:
-                        failures.append("%s %s: %s" % (kind, call_id, e))
-                    ok = False
-                    break
-                last = monotonic()
-                latencies[kind].append(int((last - scheduled) * 1e6))
-            if ok:
-                sessions += 1
-            elif job["server"] == "ours":
-                # a dead connection stays dead; a bad answer does not stop the loop
-                try:
-                    client.close()
-                finally:
-                    client = SERVERS[job["server"]](job)
-            i += 1
-        cpu = time.process_time() - cpu0
-    finally:
-        client.close()
-    return {"sessions": sessions, "errors": errors, "failures": failures, "latency_us": latencies,
-            "cpu": round(cpu, 4), "wall": round(last - wall0, 4), "first": wall0, "last": last}
+        elif monotonic() >= end:
+            break
+        ok = True
+        for kind, (step, args) in zip(KINDS, steps):
+            if open_loop:
+                scheduled = start + offset + k * interval
+                k += 1
+                now = monotonic()
+                if scheduled > now:
+                    sleep(scheduled - now)
+            else:
+                scheduled = monotonic()
+            try:
+                step(*args)
+            except (Failed, OSError, ValueError) as e:
+                errors += 1
+                if len(failures) < 5:
+                    failures.append("%s %s: %s" % (kind, call_id, e))
+                ok = False
+                break
+            last = monotonic()
+            latencies[kind].append(int((last - scheduled) * 1e6))
+        if ok:
+            sessions += 1
+        elif job["server"] == "ours":
+            # a dead connection stays dead; a bad answer does not stop the loop
+            try:
+                client.close()
+            finally:
+                client = SERVERS[job["server"]](job)
+        i += 1
+    cpu = time.process_time() - cpu0
+    return ({"sessions": sessions, "errors": errors, "failures": failures, "latency_us": latencies,
+             "cpu": round(cpu, 4), "wall": round(last - wall0, 4), "first": wall0, "last": last}, client)
 
 
 def main() -> int:

@@ -69,7 +69,7 @@ def parse_raw(path: Path):
     return stacks
 
 
-IDLE = re.compile(r"^EPollReactor\.doPoll ")
+IDLE = re.compile(r"^(EPollReactor\.doPoll|_lean_poll\.<locals>\.poll) ")
 
 
 def summarize(stacks, seconds: float, cpu: float) -> dict:
@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.control_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--gil", action="store_true",
+                        help="only samples holding the GIL: Python's own work, without the time in syscalls")
     parser.add_argument("--svg", type=Path, help="also write flame graphs (dispatcher.svg, relay.svg) here")
     args = parser.parse_args(argv)
     if not PY_SPY.exists():
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
                 raw = workdir / f"{name}.txt"
                 spies[name] = (raw, subprocess.Popen(
                     [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(RATE), "--format", "raw",
-                     "--duration", str(int(args.seconds + 2)), "--output", str(raw), "--nonblocking"],
+                     "--duration", str(int(args.seconds + 2)), "--output", str(raw), "--nonblocking"]
+                    + (["--gil"] if args.gil else []),
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             time.sleep(1.0)                                  # py-spy attached
             cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
