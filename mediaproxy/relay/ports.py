@@ -1,6 +1,7 @@
 """Allocation of even/odd UDP port pairs from the relay's port range (sans-IO)."""
 
 from collections import deque
+from itertools import islice
 
 
 class PortsExhausted(Exception):
@@ -34,6 +35,10 @@ class PortPool:
     @property
     def used_count(self) -> int:
         return len(self._used)
+
+    def upcoming(self, count: int) -> list:
+        """The pairs the next `count` allocations hand out, in order (while nothing is claimed)."""
+        return list(islice(self._free, count))
 
     def allocate(self) -> int:
         if not self._free:

@@ -23,6 +23,7 @@ log = logging.getLogger("mediaproxy.relay")
 SLOW_SAMPLING = 0.010      # seconds: a sampling pass slower than this is logged
 TIMEOUT_CHECK_INTERVAL = 1    # seconds between looks for silent streams
 MAX_UNDELIVERED = 10000       # expired reports kept for a dispatcher that is away
+READY_PAIRS = 8               # port pairs bound ahead (Forwarding.prepare): the offers of a busy turn
 
 
 class StartupError(Exception):
@@ -100,6 +101,7 @@ class RelayService(service.MultiService):
                               stream_timeout=config.stream_timeout, on_hold_timeout=config.on_hold_timeout,
                               relatch_after=None if config.strict_source else config.relatch_after)
         self.links = set()
+        self._preparing = None        # the call of _prepare_ports, after the turn that answers an update
         self.undelivered = {}         # dispatcher ip -> statistics of sessions that expired while it was away
         if saved is not None:
             self._restore(saved)
@@ -198,7 +200,14 @@ class RelayService(service.MultiService):
     def handle_command(self, link, command) -> str:
         result = self.core.handle(command.name, command.headers, self.reactor.seconds(), owner=link.peer_ip)
         self._stop_if_done()
+        if command.name == "update" and self._preparing is None:
+            self._preparing = self.reactor.callLater(0, self._prepare_ports)
         return result
+
+    def _prepare_ports(self):
+        """Bind the next pairs now that the answers of the turn are out (see Forwarding.prepare)."""
+        self._preparing = None
+        self.forwarding.prepare(self.core.ports.upcoming(READY_PAIRS))
 
     def _stop_if_done(self):
         if self.core.halting and not self.core.sessions:
@@ -224,6 +233,8 @@ class RelayService(service.MultiService):
             self.reactor.stop()
 
     def stopService(self):
+        if self._preparing is not None and self._preparing.active():
+            self._preparing.cancel()
         now = self.reactor.seconds()
         if not (self.configuration.relay.keep_calls_on_restart and self._save_calls(now)):
             self.core.close_all(now)

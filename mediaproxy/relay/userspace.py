@@ -11,6 +11,10 @@ Nor are they the reactor's readers: they are in an epoll of their own
 (MediaPoller), itself one reader of the reactor, so that a socket joins it
 with one epoll_ctl and leaves it by being closed, without the reactor's
 bookkeeping and an epoll_ctl more for each of the four.
+
+The next pairs of the port pool are bound ahead (`prepare`, after a request
+is answered): a new call takes sockets that are open already, and the time
+of opening them is not part of any request's.
 """
 
 import errno
@@ -30,6 +34,11 @@ log = logging.getLogger("mediaproxy.relay")
 
 MAX_DATAGRAM = 65535           # never cut a datagram short
 READS_PER_TURN = 64            # datagrams read from one socket before the reactor does something else
+
+
+def _unclaimed(component, source, data, now):
+    """The receiver of a pair bound ahead: nobody was given its port yet, its packets are stray."""
+    return None
 
 
 class MediaPort:
@@ -169,11 +178,45 @@ class UserspaceForwarding(StreamListener):
         self.poller = MediaPoller(reactor)
         self.sockets = {}            # port -> MediaPort (both ports of each pair)
         self.receivers = {}          # even port of an open pair -> its stream's packet path
+        self.ready = {}              # even port -> its two MediaPorts, bound ahead (see prepare)
         self.kernel_ports = frozenset()   # ports whose packets the kernel relays (see KernelForwarding)
         self.packets_forwarded = 0
         self.bytes_forwarded = 0
 
+    def prepare(self, ports) -> None:
+        ready = self.ready
+        for port in [port for port in ready if port not in ports]:
+            self._close_ready(port)
+        for port in ports:
+            if port in ready or port in self.receivers:
+                continue
+            opened = []
+            try:
+                for component in (0, 1):
+                    opened.append(MediaPort(self, port + component, _unclaimed))
+            except (CannotListenError, OSError):    # in use, or no descriptor left: `open` tries, says so
+                for listening in opened:
+                    listening.stopListening()
+                continue
+            ready[port] = opened
+
+    def _close_ready(self, port: int) -> None:
+        for listening in self.ready.pop(port):
+            listening.stopListening()
+
     def open(self, port: int, receiver, ip_version: int = None) -> None:
+        ready = self.ready.pop(port, None)
+        if ready is not None:
+            if ip_version is None or ip_version == self.main_version:
+                # (stray packets that came while it was ready were read and dropped at each turn,
+                # as a freshly bound socket would not have had them)
+                for listening in ready:
+                    listening.receiver = receiver
+                self.sockets[port], self.sockets[port + 1] = ready
+                self.receivers[port] = receiver
+                return
+            for listening in ready:                 # bound on the other version's address
+                listening.stopListening()
         if ip_version is not None and ip_version != self.main_version:
             if ip_version not in self.ips:
                 raise ValueError("the relay has no IPv%d address" % ip_version)
@@ -202,6 +245,8 @@ class UserspaceForwarding(StreamListener):
 
     def stop(self) -> None:
         """No more reading (the relay stops): the sockets are closed with the process or by close."""
+        for port in list(self.ready):
+            self._close_ready(port)
         self.poller.stop()
 
     def ip_of(self, port: int) -> str:

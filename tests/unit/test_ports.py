@@ -69,3 +69,11 @@ def test_a_set_aside_port_is_never_handed_out_again():
     assert [pool.allocate(), pool.allocate()] == [40002, 40004]
     with pytest.raises(PortsExhausted):
         pool.allocate()
+
+
+def test_upcoming_names_what_the_next_allocations_hand_out():
+    pool = PortPool(40000, 40008)
+    pool.release(pool.allocate())
+    assert pool.upcoming(3) == [40002, 40004, 40006]
+    assert pool.upcoming(9) == [40002, 40004, 40006, 40000]
+    assert [pool.allocate() for _ in range(3)] == [40002, 40004, 40006]
