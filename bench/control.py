@@ -257,7 +257,8 @@ class Bench:
     def take_turns(self, clients: int, pieces: list[dict], daemons=None) -> list[dict]:
         """`clients` clients run the slices of `pieces` one after the other ({"server", "seconds",
         "mode"}; an open-loop slice has a "request_rate" of all clients together, or a "load" and
-        "rate_of": that fraction of what the clients did in that earlier closed slice). The summary
+        "rate_of": that fraction of what the clients did in that earlier closed slice; "daemons":
+        another dispatcher + relay for this slice than `daemons` or ours). The summary
         of each slice; a slice's daemons' CPU is that of the whole job over their own slices' time
         (the other servers' daemons are idle meanwhile)."""
         from bench.relay import cpu_seconds
@@ -267,7 +268,7 @@ class Bench:
         plan = []
         for number, piece in enumerate(pieces):
             server = "ours" if piece["server"] == "floor" else piece["server"]   # the floor speaks ours
-            target = daemons or (self.floor if piece["server"] == "floor" else self.daemons)
+            target = piece.get("daemons") or daemons or (self.floor if piece["server"] == "floor" else self.daemons)
             entry = {"server": server, "start": start, "end": start + piece["seconds"],
                      "mode": piece.get("mode", "closed"),
                      "target": str(target.socket_path) if server == "ours" else ["127.0.0.1", NG_PORT]}

@@ -3,6 +3,11 @@ commit, from `git archive HEAD`) against this checkout's, interleaved in one
 run, 8 clients and 1 client (bench/control.py's clients and scenario).
 
     python -m bench.control_ab [--base DIR] [--rounds 6] [--seconds 2]
+    python -m bench.control_ab --open [--base DIR] [--rounds 6]
+
+--open compares the p99 of the open loop instead: 8 clients, each pair at 80 %
+of its own peak measured in the half second before each of its one-second
+slices, the two pairs taking turns, four turns a round.
 
 Both pairs run in the same namespace: this checkout's dispatcher on the
 relay namespace's address, the other one on 127.0.0.1. Prints per client
@@ -42,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base", type=Path, help="a tree with scripts/ and mediaproxy/ (default: git HEAD)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--open", action="store_true", help="the open loop's p99 at 80%% of each one's peak")
     args = parser.parse_args(argv)
 
     from bench import control
@@ -72,6 +78,9 @@ def main(argv=None) -> int:
             try:
                 for daemons in (other, None):
                     bench.run("ours", 8, 1.0, daemons=daemons)
+                if args.open:
+                    print(json.dumps(open_loop(bench, other, args.rounds), indent=1))
+                    return 0
                 for round_ in range(args.rounds):
                     for n in (8, 1):
                         for name, daemons in (("base", other), ("new", None)) if round_ % 2 else \
@@ -100,6 +109,32 @@ def main(argv=None) -> int:
                       1e6 * sum(r["daemons_cpu"].values()) / r["rate"] for r in runs["new"][n])}
     print(json.dumps(out, indent=1))
     return 0
+
+
+def open_loop(bench, other, rounds: int) -> dict:
+    from bench import control
+
+    p99 = {"base": [], "new": []}
+    slices = {"base": [], "new": []}
+    for round_ in range(rounds):
+        pieces = []
+        for turn in range(4):
+            for name, daemons in (("base", other), ("new", None)) if (round_ + turn) % 2 else \
+                    (("new", None), ("base", other)):
+                measured = len(pieces)
+                pieces.append({"server": "ours", "seconds": 0.5, "daemons": daemons, "name": name})
+                pieces.append({"server": "ours", "seconds": 1.0, "mode": "open", "load": control.OPEN_LOOP_LOAD,
+                               "rate_of": measured, "daemons": daemons, "name": name})
+        done = bench.take_turns(8, pieces)
+        for name in p99:
+            mine = [s for s, piece in zip(done, pieces) if piece["name"] == name and s["mode"] == "open"]
+            slices[name] += [s["all_p99_ms"] for s in mine]
+            p99[name].append(control.combined(mine)["all_p99_ms"])
+            peaks = [s["rate"] for s, piece in zip(done, pieces) if piece["name"] == name and s["mode"] == "closed"]
+            print(f"round {round_} {name}: p99 {p99[name][-1]} ms (slices {[s['all_p99_ms'] for s in mine]}), "
+                  f"peaks {peaks}", file=sys.stderr, flush=True)
+    return {name: {"p99_rounds": values, "p99_median_round": statistics.median(values),
+                   "p99_median_slice": statistics.median(slices[name])} for name, values in p99.items()}
 
 
 if __name__ == "__main__":
