@@ -138,6 +138,7 @@ class RequestReader:
         self._fast_limit = min(max_line_length, max_request_size)      # see _whole_requests
         self._command = None
         self._headers = {}
+        self._lines = 0             # header lines of the request so far (a repeated name counts each time)
         self._size = 0
         self._error = None
 
@@ -206,12 +207,13 @@ class RequestReader:
             # Every request of the proxy and of the dispatcher passes here: the whole block at
             # once, in comprehensions; anything unusual is left to the line by line path below.
             size = self._size + sum(map(len, block))
-            if size <= self._max_request_size and len(headers) + len(block) <= self._max_headers:
+            lines = self._lines + len(block)
+            if size <= self._max_request_size and lines <= self._max_headers:
                 parts = [line.partition(":") for line in block]
                 names = [name.strip().lower() for name, _, _ in parts]
                 if "" not in [colon for _, colon, _ in parts] and "" not in names and " " not in "".join(names):
                     headers.update(zip(names, [value.strip() for _, _, value in parts]))
-                    self._size = size
+                    self._size, self._lines = size, lines
                     return
         for line in block:
             if line.__class__ is not str:
@@ -220,7 +222,7 @@ class RequestReader:
             self._size += len(line)
             if self._size > self._max_request_size:
                 self._error = FramingError("request too large")
-            elif len(headers) >= self._max_headers:
+            elif self._lines >= self._max_headers:
                 self._error = FramingError("too many headers")
             else:
                 name, colon, value = line.partition(":")
@@ -229,12 +231,13 @@ class RequestReader:
                     self._error = FramingError("malformed header line %r" % line[:80])
                 else:
                     headers[name] = value.strip()
+                    self._lines += 1
                     continue
             return
 
     def _finish(self):
         error, command, headers = self._error, self._command, self._headers
-        self._command, self._headers, self._size, self._error = None, {}, 0, None
+        self._command, self._headers, self._lines, self._size, self._error = None, {}, 0, 0, None
         if error is not None:
             return FramingError(str(error), command)
         return Request(command, headers)

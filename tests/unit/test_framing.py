@@ -142,6 +142,15 @@ def test_too_many_headers_is_one_error_and_the_next_request_works():
         Request("update", {"h0": "v", "h1": "v", "h2": "v"})]
 
 
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_a_repeated_header_counts_each_time_it_comes(bytewise):
+    reader = RequestReader(max_headers=3)
+    data = b"update\r\n" + b"h: v\r\n" * 4 + b"\r\n"
+    events = feed_bytewise(reader, data) if bytewise else reader.feed(data)
+    assert len(events) == 1 and "too many headers" in str(events[0])
+    assert reader.feed(b"update\r\nh: 1\r\nh: 2\r\nh: 3\r\n\r\n") == [Request("update", {"h": "3"})]
+
+
 def test_a_request_larger_than_the_limit_is_one_error_and_the_next_request_works():
     reader = RequestReader(max_request_size=100)
     events = reader.feed(b"update\r\n" + b"".join(b"header%d: %s\r\n" % (i, b"v" * 20) for i in range(5)) + b"\r\n")

@@ -318,14 +318,19 @@ def test_expired_is_sent_as_one_line(dlink):
 
 # Both ends together
 
+MAX_EXCHANGES = 20          # a request and its answer take one; more means the ends never settle
+
 def test_a_relay_link_round_trip(relay, dlink):
     dispatcher = Dispatcher(Clock(), rng=random.Random(1))
     link = relay_link(dispatcher)
 
     def pump():
-        while link.transport.value() or dlink.transport.value():
+        for _ in range(MAX_EXCHANGES):
+            if not (link.transport.value() or dlink.transport.value()):
+                return
             dlink.dataReceived(written(link.transport))
             link.dataReceived(written(dlink.transport))
+        raise AssertionError("the two ends still talk after %d exchanges" % MAX_EXCHANGES)
     pump()
     outcome = track(dispatcher.proxy_request(RequestReader().feed(OFFER.replace(b"update 7", b"update"))[0]))
     pump()
@@ -354,12 +359,15 @@ def test_the_relay_sends_a_removed_sessions_statistics_only_to_a_dispatcher_that
     told, answers = [], []
 
     def pump():
-        while link.transport.value() or dlink.transport.value():
+        for _ in range(MAX_EXCHANGES):
+            if not (link.transport.value() or dlink.transport.value()):
+                return
             commands = written(link.transport)
             told.append(commands)
             dlink.dataReceived(commands)
             answers.append(written(dlink.transport))
             link.dataReceived(answers[-1])
+        raise AssertionError("the two ends still talk after %d exchanges" % MAX_EXCHANGES)
     pump()
     for request in (OFFER.replace(b"update 7", b"update"),
                     b"update\r\ntype: reply\r\ncall_id: c1\r\ncseq: 1 INVITE\r\nfrom_tag: a\r\nto_tag: b\r\n"
