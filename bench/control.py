@@ -31,10 +31,7 @@ the figures are medians over the rounds:
   open loop, 8 clients: our peak (closed loop, half a second), then ours,
   rtpengine and the floor, a second each, at 80 % of that peak (each
   request sent at its scheduled time, its latency counted from that time),
-  four turns a round; a round's p99 is over its open-loop slices. After
-  each round one more for the table alone: ours the same way with both
-  daemons at nice -5, ahead of the client processes on the two CPUs, which
-  shows how much of the p99 is waiting for a CPU.
+  four turns a round; a round's p99 is over its open-loop slices.
 
 A third server, the floor (bench/control_floor.py): the same two hops (UNIX
 socket, then TLS with our certificates, in Twisted) with no work at either
@@ -74,7 +71,6 @@ TARGET_RATIO_1 = 0.5
 TARGET_RATIO_8 = 0.8
 TARGET_P99_MS = 5.0
 OPEN_LOOP_LOAD = 0.8
-AHEAD_NICE = -5             # an extra open-loop round with our daemons at this nice (what limits the p99)
 
 RTPENGINE = "/usr/bin/rtpengine"
 NG_PORT = 22222
@@ -476,20 +472,6 @@ def run(smoke: bool, workdir: Path) -> dict:
                 log(f"open loop {round_ + 1}/{opts.open_rounds} {server} at {r['offered_rate']:.0f} sessions/s "
                     f"(80% of our peak just before each of its slices): {r['rate']:.0f} done, "
                     f"p99 {r['all_p99_ms']} ms, errors {r['errors']}")
-            # What limits the p99: the two CPUs are shared with the 8 client processes. The same
-            # round with our daemons ahead of them (nice AHEAD_NICE), for the table only.
-            with niced(bench.daemons.pids().values(), AHEAD_NICE):
-                pieces = []
-                for _ in range(opts.open_turns):
-                    pieces.append({"server": "ours", "seconds": opts.peak_slice})
-                    pieces.append({"server": "ours", "seconds": opts.open_slice, "mode": "open",
-                                   "load": OPEN_LOOP_LOAD, "rate_of": len(pieces) - 1})
-                slices = bench.take_turns(opts.clients, pieces)
-            r = combined([x for x in slices if x["mode"] == "open"])
-            r.update(server="ours-ahead", round=round_)
-            runs.append(r)
-            log(f"open loop {round_ + 1}/{opts.open_rounds} ours at nice {AHEAD_NICE} at {r['offered_rate']:.0f} "
-                f"sessions/s: p99 {r['all_p99_ms']} ms, errors {r['errors']}")
         offered = median(offered_rates)
         details["open_loop_rates"] = [round(rate, 1) for rate in offered_rates]
         details["open_loop_peaks"] = [round(rate, 1) for rate in peaks]
@@ -498,7 +480,6 @@ def run(smoke: bool, workdir: Path) -> dict:
         # each round is a p99 of its own (some 20,000 requests): the figure is the median round's,
         # as the rates are medians of rounds; the rounds pooled are in the notes
         figures["control_p99_ms"] = median([r["all_p99_ms"] for r in open_ours])
-        open_ahead = of("ours-ahead", opts.clients, "open")
         ref_p99 = median([r["all_p99_ms"] for r in open_ref])
         details["control_p99_ms_pooled"] = _pooled(open_ours)
         details["control_p99_ms_pooled_rtpengine"] = _pooled(open_ref)
@@ -535,10 +516,6 @@ def run(smoke: bool, workdir: Path) -> dict:
                     rows.append(_row(f"{kind} p{q} ms, {n} client{'s' if n > 1 else ''} (closed loop)", ours_v,
                                      ref_v, None if not (ours_v and ref_v) else round(ours_v / ref_v, 2),
                                      None, "info"))
-        ahead_p99 = median([r["all_p99_ms"] for r in open_ahead])
-        rows.append(_row(f"p99 latency ms, open loop, our daemons at nice {AHEAD_NICE} (ahead of the client "
-                         "processes on the two CPUs), at 80% of their peak then", ahead_p99, p99,
-                         None if not (ahead_p99 and p99) else round(ahead_p99 / p99, 2), None, "info"))
         floor_p99 = median([r["all_p99_ms"] for r in open_floor])
         rows.append(_row("p99 latency ms, open loop at the same rate: the floor (the same hops, no work)", floor_p99,
                          ref_p99, None if not (floor_p99 and ref_p99) else round(floor_p99 / ref_p99, 2), None,
@@ -595,27 +572,9 @@ def run(smoke: bool, workdir: Path) -> dict:
                      f"{details['control_p99_ms_pooled']} ms, rtpengine {details['control_p99_ms_pooled_rtpengine']} "
                      "ms: a round in which this shared machine stalls for some tens of ms (rtpengine's rounds "
                      "show such stalls too) decides the pooled figure")
-        notes.append(f"open loop p99 of each round with our daemons at nice {AHEAD_NICE} (ms): {p99s(open_ahead)}: "
-                     "the daemons wait for a CPU behind the client processes (8 busy Python loops on 2 CPUs); "
-                     "ahead of them, the same load waits less (the table's row reference is the figure at nice 0)")
         details["runs"] = [{k: v for k, v in r.items() if k != "_latencies"} for r in runs]
         details["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return {"figures": figures, "rows": rows, "details": details, "notes": notes}
-
-
-@contextlib.contextmanager
-def niced(pids, value: int):
-    """Every thread of these processes at nice `value` for the block, then at 0 again."""
-    def renice(value):
-        for pid in pids:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(ProcessLookupError):
-                    os.setpriority(os.PRIO_PROCESS, int(tid), value)
-    renice(value)
-    try:
-        yield
-    finally:
-        renice(0)
 
 
 def _belongs(process: str, server: str) -> bool:
