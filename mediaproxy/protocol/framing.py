@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
 MAX_LINE_LENGTH = 16384      # a `media` header with many streams fits easily
-MAX_HEADERS = 64
-MAX_REQUEST_SIZE = 65536
+MAX_HEADERS = 64             # header lines of a request, a repeated name counted each time
+MAX_REQUEST_SIZE = 65536     # characters of a request's command and header lines, without line ends
 
 
 def is_number(text: str) -> bool:
