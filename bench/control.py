@@ -266,7 +266,7 @@ class Bench:
         self.job_id += 1
         start = time.monotonic() + 0.15          # every client connected and waiting
         plan = []
-        for number, piece in enumerate(pieces):
+        for piece in pieces:
             server = "ours" if piece["server"] == "floor" else piece["server"]   # the floor speaks ours
             target = piece.get("daemons") or daemons or (self.floor if piece["server"] == "floor" else self.daemons)
             entry = {"server": server, "start": start, "end": start + piece["seconds"],
@@ -308,48 +308,45 @@ class Bench:
 
 
 def _summary(server: str, clients: int, mode: str, results: list[dict]) -> dict:
-    """One slice, all clients: rate, latencies (and the raw ones), the clients' CPU."""
-    first = min(a["first"] for a in results)
-    last = max(a["last"] for a in results)
-    window = max(last - first, 1e-6)
-    sessions = sum(a["sessions"] for a in results)
-    latencies = {kind: [v for a in results for v in a["latency_us"][kind]] for kind in KINDS}
-    summary = {
-        "server": server, "clients": clients, "mode": mode, "seconds": round(window, 3),
-        "sessions": sessions, "errors": sum(a["errors"] for a in results), "rate": round(sessions / window, 1),
-        "failures": [f for a in results for f in a["failures"]][:5],
-        "latency_ms": {kind: {"p50": _ms(percentile(v, 50)), "p99": _ms(percentile(v, 99)), "n": len(v)}
-                       for kind, v in latencies.items()},
-        "all_p99_ms": _ms(percentile([x for v in latencies.values() for x in v], 99)),
-        "clients_cpu": round(sum(a["cpu"] for a in results) / window, 3),     # cores, the clients together
-    }
+    """One slice, all clients (their results of it): rate, latencies (and the raw ones), the
+    clients' CPU."""
+    window = max(max(a["last"] for a in results) - min(a["first"] for a in results), 1e-6)
+    summary = _described(server, clients, mode, window, sum(a["sessions"] for a in results),
+                         sum(a["errors"] for a in results), [f for a in results for f in a["failures"]],
+                         {kind: [v for a in results for v in a["latency_us"][kind]] for kind in KINDS},
+                         sum(a["cpu"] for a in results) / window)
     if mode == "open":
         summary["offered_rate"] = round(sum(a.get("request_rate", 0) for a in results) / 3, 1)
-    summary["_latencies"] = latencies
     return summary
 
 
 def combined(slices: list[dict]) -> dict:
     """The slices of one server in one round as one run: their sessions over their time."""
-    seconds = sum(s["seconds"] for s in slices)
-    sessions = sum(s["sessions"] for s in slices)
-    latencies = {kind: [v for s in slices for v in s["_latencies"][kind]] for kind in KINDS}
     first = slices[0]
-    summary = {
-        "server": first["server"], "clients": first["clients"], "mode": first["mode"], "slices": len(slices),
-        "seconds": round(seconds, 3), "sessions": sessions, "errors": sum(s["errors"] for s in slices),
-        "rate": round(sessions / max(seconds, 1e-6), 1),
-        "failures": [f for s in slices for f in s["failures"]][:5],
+    seconds = max(sum(s["seconds"] for s in slices), 1e-6)
+    summary = _described(first["server"], first["clients"], first["mode"], seconds,
+                         sum(s["sessions"] for s in slices), sum(s["errors"] for s in slices),
+                         [f for s in slices for f in s["failures"]],
+                         {kind: [v for s in slices for v in s["_latencies"][kind]] for kind in KINDS},
+                         sum(s["clients_cpu"] * s["seconds"] for s in slices) / seconds)
+    summary["slices"] = len(slices)
+    summary["daemons_cpu"] = first["daemons_cpu"]
+    if first["mode"] == "open":
+        summary["offered_rate"] = round(sum(s["offered_rate"] * s["seconds"] for s in slices) / seconds, 1)
+    return summary
+
+
+def _described(server, clients, mode, seconds, sessions, errors, failures, latencies, clients_cpu) -> dict:
+    """What a run's summary says (`latencies`: microseconds by kind, kept raw as `_latencies`)."""
+    return {
+        "server": server, "clients": clients, "mode": mode, "seconds": round(seconds, 3),
+        "sessions": sessions, "errors": errors, "rate": round(sessions / seconds, 1), "failures": failures[:5],
         "latency_ms": {kind: {"p50": _ms(percentile(v, 50)), "p99": _ms(percentile(v, 99)), "n": len(v)}
                        for kind, v in latencies.items()},
         "all_p99_ms": _ms(percentile([x for v in latencies.values() for x in v], 99)),
-        "clients_cpu": round(sum(s["clients_cpu"] * s["seconds"] for s in slices) / max(seconds, 1e-6), 3),
-        "daemons_cpu": first["daemons_cpu"],
+        "clients_cpu": round(clients_cpu, 3),          # cores, the clients together
         "_latencies": latencies,
     }
-    if first["mode"] == "open":
-        summary["offered_rate"] = round(sum(s["offered_rate"] * s["seconds"] for s in slices) / max(seconds, 1e-6), 1)
-    return summary
 
 
 def _ms(us):

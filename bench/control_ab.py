@@ -112,19 +112,22 @@ def main(argv=None) -> int:
 
 
 def open_loop(bench, other, rounds: int) -> dict:
+    """bench.control's open loop (its slices and load), the two pairs taking turns."""
     from bench import control
 
+    opts = control.Options(smoke=False)
     p99 = {"base": [], "new": []}
     slices = {"base": [], "new": []}
     for round_ in range(rounds):
         pieces = []
-        for turn in range(4):
+        for turn in range(opts.open_turns):
             for name, daemons in (("base", other), ("new", None)) if (round_ + turn) % 2 else \
                     (("new", None), ("base", other)):
                 measured = len(pieces)
-                pieces.append({"server": "ours", "seconds": 0.5, "daemons": daemons, "name": name})
-                pieces.append({"server": "ours", "seconds": 1.0, "mode": "open", "load": control.OPEN_LOOP_LOAD,
-                               "rate_of": measured, "daemons": daemons, "name": name})
+                pieces.append({"server": "ours", "seconds": opts.peak_slice, "daemons": daemons, "name": name})
+                pieces.append({"server": "ours", "seconds": opts.open_slice, "mode": "open",
+                               "load": control.OPEN_LOOP_LOAD, "rate_of": measured, "daemons": daemons,
+                               "name": name})
         done = bench.take_turns(8, pieces)
         for name in p99:
             mine = [s for s, piece in zip(done, pieces) if piece["name"] == name and s["mode"] == "open"]

@@ -228,7 +228,7 @@ def run_job(job: dict) -> dict:
     clients = {}
     try:
         results = []
-        for number, piece in enumerate(job["slices"]):
+        for piece in job["slices"]:
             piece = dict(job, **piece)
             key = (piece["server"], json.dumps(piece["target"]))
             if key not in clients:

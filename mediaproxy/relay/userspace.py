@@ -205,9 +205,10 @@ class UserspaceForwarding(StreamListener):
             listening.stopListening()
 
     def open(self, port: int, receiver, ip_version: int = None) -> None:
+        other_version = ip_version is not None and ip_version != self.main_version
         ready = self.ready.pop(port, None)
         if ready is not None:
-            if ip_version is None or ip_version == self.main_version:
+            if not other_version:
                 # (stray packets that came while it was ready were read and dropped at each turn,
                 # as a freshly bound socket would not have had them)
                 for listening in ready:
@@ -215,9 +216,9 @@ class UserspaceForwarding(StreamListener):
                 self.sockets[port], self.sockets[port + 1] = ready
                 self.receivers[port] = receiver
                 return
-            for listening in ready:                 # bound on the other version's address
+            for listening in ready:                 # bound on the main address: not this pair's
                 listening.stopListening()
-        if ip_version is not None and ip_version != self.main_version:
+        if other_version:
             if ip_version not in self.ips:
                 raise ValueError("the relay has no IPv%d address" % ip_version)
             self.other_version_pairs[port] = ip_version

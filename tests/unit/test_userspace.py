@@ -26,26 +26,20 @@ class Reactor:
 
 
 def free_pairs(count: int, ip: str = "127.0.0.1") -> list:
-    """`count` even ports whose pairs nobody holds now, on `ip`."""
+    """`count` even ports whose pairs nobody holds now, on `ip` (from where the kernel's ephemeral
+    choice points, through 20000-59999 once at most)."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.bind((ip, 0))
+        port = probe.getsockname()[1] & ~1
     found = []
-    probe = socket.socket(family, socket.SOCK_DGRAM)
-    probe.bind((ip, 0))
-    port = probe.getsockname()[1] & ~1
-    probe.close()
-    while len(found) < count:
+    for _ in range(20000):
         port = 20000 + (port + 2 - 20000) % 40000
-        try:
-            held = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(2)]
-            for offset, sock in enumerate(held):
-                sock.bind((ip, port + offset))
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-        found.append(port)
-    return found
+        if bindable(port, ip) and bindable(port + 1, ip):
+            found.append(port)
+            if len(found) == count:
+                return found
+    raise AssertionError("fewer than %d free port pairs on %s" % (count, ip))
 
 
 def bindable(port: int, ip: str = "127.0.0.1") -> bool:
