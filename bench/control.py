@@ -31,7 +31,11 @@ the figures are medians over the rounds:
   open loop, 8 clients: our peak (closed loop, half a second), then ours,
   rtpengine and the floor, a second each, at 80 % of that peak (each
   request sent at its scheduled time, its latency counted from that time),
-  four turns a round; a round's p99 is over its open-loop slices.
+  then rtpengine and the floor each at 80 % of its own peak (measured the
+  same way just before), four turns a round; a round's p99 is over its
+  open-loop slices, and is also split into the server's answer time (from
+  when the client sent the request) and how late the client sent it (behind
+  its own unanswered request).
 
 A third server, the floor (bench/control_floor.py): the same two hops (UNIX
 socket, then TLS with our certificates, in Twisted) with no work at either
@@ -82,6 +86,7 @@ PDEATHSIG = ("setpriv", "--pdeathsig", "KILL")
 KINDS = ("offer", "answer", "remove")
 SERVERS = ("ours", "rtpengine", "floor")     # floor: bench/control_floor.py, the same hops with no work
 FLOOR_PORT = 25070
+OWN_PEAK_SERVERS = ("rtpengine", "floor")    # also measured in the open loop at 80 % of their own peak
 SLICE_GAP = 0.01                        # between two slices: the sessions under way end first
 
 
@@ -317,7 +322,21 @@ def _summary(server: str, clients: int, mode: str, results: list[dict]) -> dict:
                          sum(a["cpu"] for a in results) / window)
     if mode == "open":
         summary["offered_rate"] = round(sum(a.get("request_rate", 0) for a in results) / 3, 1)
+        _split(summary, [(x, y) for a in results for kind in KINDS
+                         for x, y in zip(a["latency_us"][kind], a.get("late_us", {}).get(kind, ()))])
+        # how much later than planned a client began (busy with the slice before: see control_client)
+        summary["shifted_ms"] = round(1000 * max(a.get("shifted", 0.0) for a in results), 1)
     return summary
+
+
+def _split(summary: dict, pairs: list) -> None:
+    """An open-loop run's latencies (from the time each request was due) split in two: how late the
+    client sent it (behind its own unanswered request, or waiting for a CPU) and the server's
+    answer time after that; each part's p99 (`pairs`: (latency, late) in microseconds, kept raw)."""
+    summary["_pairs"] = pairs
+    summary["late_p99_ms"] = _ms(percentile([late for _, late in pairs], 99))
+    summary["answer_p99_ms"] = _ms(percentile([latency - late for latency, late in pairs], 99))
+    summary["answer_mean_ms"] = _ms(statistics.fmean([latency - late for latency, late in pairs])) if pairs else None
 
 
 def combined(slices: list[dict]) -> dict:
@@ -333,6 +352,8 @@ def combined(slices: list[dict]) -> dict:
     summary["daemons_cpu"] = first["daemons_cpu"]
     if first["mode"] == "open":
         summary["offered_rate"] = round(sum(s["offered_rate"] * s["seconds"] for s in slices) / seconds, 1)
+        _split(summary, [pair for s in slices for pair in s["_pairs"]])
+        summary["shifted_ms"] = max(s["shifted_ms"] for s in slices)
     return summary
 
 
@@ -451,6 +472,10 @@ def run(smoke: bool, workdir: Path) -> dict:
         # by a third over minutes, and 80 % of a rate measured earlier can be all of it now.
         peak = max(r["rate"] for r in of("ours", opts.clients))
         offered_rates, peaks = [], []
+        # Then rtpengine and the floor each at 80 % of its own peak: the same target put to the reference
+        # and to the bare hops, on this machine.
+        own_peaks = {server: [] for server in OWN_PEAK_SERVERS}
+        open_own = {server: [] for server in OWN_PEAK_SERVERS}
         for round_ in range(opts.open_rounds):
             pieces = []
             for _ in range(opts.open_turns):
@@ -458,17 +483,32 @@ def run(smoke: bool, workdir: Path) -> dict:
                 pieces.append({"server": "ours", "seconds": opts.peak_slice})
                 pieces += [{"server": server, "seconds": opts.open_slice, "mode": "open", "load": OPEN_LOOP_LOAD,
                             "rate_of": measured} for server in SERVERS]
+                for server in OWN_PEAK_SERVERS:
+                    pieces.append({"server": server, "seconds": opts.peak_slice, "own_peak": True})
+                    pieces.append({"server": server, "seconds": opts.open_slice, "mode": "open",
+                                   "load": OPEN_LOOP_LOAD, "rate_of": len(pieces) - 1, "own_peak": True})
             slices = bench.take_turns(opts.clients, pieces)
-            peaks += [x["rate"] for x in slices if x["mode"] == "closed"]
+            ours_rate = [x for x, p in zip(slices, pieces) if not p.get("own_peak")]
+            peaks += [x["rate"] for x in ours_rate if x["mode"] == "closed"]
             for server in SERVERS:
-                r = combined([x for x in slices if x["server"] == server and x["mode"] == "open"])
+                r = combined([x for x in ours_rate if x["server"] == server and x["mode"] == "open"])
                 r["round"] = round_
                 runs.append(r)
                 if server == "ours":
                     offered_rates.append(r["offered_rate"])
                 log(f"open loop {round_ + 1}/{opts.open_rounds} {server} at {r['offered_rate']:.0f} sessions/s "
                     f"(80% of our peak just before each of its slices): {r['rate']:.0f} done, "
-                    f"p99 {r['all_p99_ms']} ms, errors {r['errors']}")
+                    f"p99 {r['all_p99_ms']} ms (the server's answer {r['answer_p99_ms']} ms), errors {r['errors']}")
+            for server in OWN_PEAK_SERVERS:
+                own = [x for x, p in zip(slices, pieces) if p.get("own_peak") and x["server"] == server]
+                own_peaks[server] += [x["rate"] for x in own if x["mode"] == "closed"]
+                r = combined([x for x in own if x["mode"] == "open"])
+                r["round"], r["own_peak"] = round_, True
+                open_own[server].append(r)
+                log(f"open loop {round_ + 1}/{opts.open_rounds} {server} at {r['offered_rate']:.0f} sessions/s "
+                    f"(80% of its own peak): {r['rate']:.0f} done, p99 {r['all_p99_ms']} ms (the server's answer "
+                    f"{r['answer_p99_ms']} ms), errors {r['errors']}")
+        all_own = [r for server in OWN_PEAK_SERVERS for r in open_own[server]]
         offered = median(offered_rates)
         details["open_loop_rates"] = [round(rate, 1) for rate in offered_rates]
         details["open_loop_peaks"] = [round(rate, 1) for rate in peaks]
@@ -481,9 +521,9 @@ def run(smoke: bool, workdir: Path) -> dict:
         details["control_p99_ms_pooled"] = _pooled(open_ours)
         details["control_p99_ms_pooled_rtpengine"] = _pooled(open_ref)
 
-        errors = sum(r["errors"] for r in runs)
+        errors = sum(r["errors"] for r in runs + all_own)
         if errors:
-            notes.append(f"{errors} requests failed: {[f for r in runs for f in r['failures']][:5]}")
+            notes.append(f"{errors} requests failed: {[f for r in runs + all_own for f in r['failures']][:5]}")
 
         # -- the table --
         for n, key, target in ((1, "control_rate_1", TARGET_RATIO_1),
@@ -521,6 +561,21 @@ def run(smoke: bool, workdir: Path) -> dict:
             ours_v, ref_v = _pooled(open_ours, kind, 99), _pooled(open_ref, kind, 99)
             rows.append(_row(f"{kind} p99 ms, open loop", ours_v, ref_v,
                              None if not (ours_v and ref_v) else round(ours_v / ref_v, 2), None, "info"))
+        for part, label in (("answer_p99_ms", "the server's answer (from when the client sent the request)"),
+                            ("late_p99_ms", "how late the clients sent (behind their own unanswered request, "
+                                            "or waiting for a CPU)")):
+            ours_v, ref_v = median([r[part] for r in open_ours]), median([r[part] for r in open_ref])
+            rows.append(_row(f"p99 ms, open loop, of {label}", ours_v, ref_v,
+                             None if not (ours_v and ref_v) else round(ours_v / ref_v, 2), None, "info"))
+        for server in OWN_PEAK_SERVERS:
+            own_p99 = median([r["all_p99_ms"] for r in open_own[server]])
+            details[f"control_p99_ms_{server}_own_peak"] = own_p99
+            details[f"open_loop_rates_{server}_own_peak"] = [r["offered_rate"] for r in open_own[server]]
+            what = "the reference" if server == "rtpengine" else "the bare hops"
+            rows.append(_row(f"p99 latency ms, open loop: {server} at 80% of its own peak "
+                             f"({median([r['offered_rate'] for r in open_own[server]]):.0f} sessions/s), the same "
+                             f"target put to {what}", own_p99, None, None, f"< {TARGET_P99_MS} ms",
+                             "info: " + _status(smoke, None if own_p99 is None else own_p99 < TARGET_P99_MS)))
 
         # -- where the time goes --
         def mean_of(rs, path):
@@ -562,16 +617,50 @@ def run(smoke: bool, workdir: Path) -> dict:
                      f"in its rounds (in each slice 80% of our 8-client rate in the {opts.peak_slice:g} s just "
                      f"before it, which ranged {min(peaks):.0f}-{max(peaks):.0f}; the best closed-loop round did "
                      f"{peak:.0f}); p99 of every request, latency from its scheduled time")
-        def p99s(rs):
-            return ", ".join("-" if r["all_p99_ms"] is None else f"{r['all_p99_ms']:.1f}" for r in rs)
-        notes.append(f"open loop p99 of each round (ms): ours {p99s(open_ours)}; rtpengine {p99s(open_ref)}; "
-                     f"the floor {p99s(open_floor)}; the figure is the median round's. All rounds pooled: ours "
+        def each(rs, key="all_p99_ms"):
+            return _each_round(rs, key)
+        notes.append(f"open loop p99 of each round (ms): ours {each(open_ours)}; rtpengine {each(open_ref)}; the "
+                     f"floor {each(open_floor)}; the figure is the median round's. All rounds pooled: ours "
                      f"{details['control_p99_ms_pooled']} ms, rtpengine {details['control_p99_ms_pooled_rtpengine']} "
-                     "ms: a round in which this shared machine stalls for some tens of ms (rtpengine's rounds "
-                     "show such stalls too) decides the pooled figure")
-        details["runs"] = [{k: v for k, v in r.items() if k != "_latencies"} for r in runs]
+                     "ms: a round in which the processes on this machine's CPUs fall behind for some tens of ms "
+                     "(rtpengine's rounds and the floor's show such bursts too) decides the pooled figure")
+        for server in OWN_PEAK_SERVERS:
+            notes.append(f"open loop, {server} at 80% of its own peak (its peak in the {opts.peak_slice:g} s before "
+                         f"each slice: {', '.join(f'{r:.0f}' for r in own_peaks[server])} sessions/s): p99 of each "
+                         f"round (ms) {each(open_own[server])}, the server's answer "
+                         f"{each(open_own[server], 'answer_p99_ms')}")
+        notes.append("open loop p99 of each round, split (ms): the server's answer, from when the client sent "
+                     f"the request: ours {each(open_ours, 'answer_p99_ms')}; rtpengine "
+                     f"{each(open_ref, 'answer_p99_ms')}; the floor {each(open_floor, 'answer_p99_ms')}; how "
+                     f"late the clients sent: ours {each(open_ours, 'late_p99_ms')}; rtpengine "
+                     f"{each(open_ref, 'late_p99_ms')}; the floor {each(open_floor, 'late_p99_ms')} (a client "
+                     "has one request out at a time: while the server falls behind, the client's next requests "
+                     "wait, and their latency counts from when they were due)")
+        def busy(rs):
+            return ", ".join("-" if not r["answer_mean_ms"] else
+                             f"{3 * r['offered_rate'] / opts.clients * r['answer_mean_ms'] / 10:.0f}%" for r in rs)
+        notes.append("open loop: how busy each client's connection was (its requests a second times their mean "
+                     f"answer time), in each round: ours {busy(open_ours)}; rtpengine at our rate {busy(open_ref)}; "
+                     f"the floor at our rate {busy(open_floor)}; " + "; ".join(
+                         f"{server} at its own peak {busy(open_own[server])}" for server in OWN_PEAK_SERVERS) +
+                     f". Each of the {opts.clients} connections has one request out at a time (as in the closed "
+                     "loop that sets the peak): its next request waits behind a slow answer, so the busier the "
+                     "connections, the further a short slowdown of the machine spreads over the requests behind "
+                     "it (how late the clients sent, above)")
+        notes.append("open loop: a client still busy with the slice before began its slice that much later (its "
+                     "schedule shifted, so that no server is charged with the backlog of the one before); the "
+                     "largest shift in each round (ms): " + "; ".join(
+                         f"{name} {each(rs, 'shifted_ms')}" for name, rs in
+                         (("ours", open_ours), ("rtpengine", open_ref), ("the floor", open_floor),
+                          *((f"{server} at its own peak", open_own[server]) for server in OWN_PEAK_SERVERS))))
+        details["runs"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs + all_own]
         details["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return {"figures": figures, "rows": rows, "details": details, "notes": notes}
+
+
+def _each_round(runs, key: str) -> str:
+    """A figure of each round (ms), as the notes list them."""
+    return ", ".join("-" if r[key] is None else f"{r[key]:.1f}" for r in runs)
 
 
 def _belongs(process: str, server: str) -> bool:

@@ -21,11 +21,15 @@ every fraction of a second and be measured in the same seconds):
           k-th request of its sequence offer, answer, remove, offer, ... at
           start + (n*k + j) / request_rate) and measures its latency from that
           time, not from when it could be sent; the rate is `load` times the
-          client's own rate in an earlier closed slice (`rate_of`).
+          client's own rate in an earlier closed slice (`rate_of`). A client
+          still busy with the slice before at the start time begins the
+          schedule (and ends it) that much later: a server is not charged with
+          the backlog of the one before it.
 
 The answer, for each slice: sessions completed, errors (and the first few),
-every request's latency in microseconds by kind, the client's CPU seconds and
-its wall time.
+every request's latency in microseconds by kind and how late the client sent
+it (in the open loop: while its previous request was still unanswered, or
+while it waited for a CPU), the client's CPU seconds and its wall time.
 """
 
 import json
@@ -233,7 +237,7 @@ def run_job(job: dict) -> dict:
             key = (piece["server"], json.dumps(piece["target"]))
             if key not in clients:
                 clients[key] = SERVERS[piece["server"]](piece)
-            if piece.get("mode") == "open":
+            if piece.get("mode") == "open" and "rate_of" in piece:
                 # this client's share of the rate: `load` times what it did in slice `rate_of`
                 # (a closed-loop slice just before), so the offered rate follows the machine's speed
                 measured = results[piece["rate_of"]]
@@ -254,6 +258,7 @@ def run_slice(client, job: dict):
     loop (every request at its scheduled time); the result and the client (a new one when the
     connection to ours broke)."""
     latencies = {kind: [] for kind in KINDS}
+    late = {kind: [] for kind in KINDS}      # open loop: how late each went out (behind this client's last one)
     errors, failures = 0, []
     sessions = 0
     prefix = job["prefix"]
@@ -266,6 +271,12 @@ def run_slice(client, job: dict):
     now = monotonic()
     if start > now:
         sleep(start - now)
+    shifted = 0.0
+    if open_loop and now > start + 0.001:
+        # still busy with the slice before (its server fell behind): this slice's schedule begins now,
+        # so that what the server before left undone is not charged to this one
+        shifted = now - start
+        start, end = now, end + shifted
     cpu0 = time.process_time()
     wall0 = monotonic()
     last = wall0
@@ -291,6 +302,7 @@ def run_slice(client, job: dict):
                     sleep(scheduled - now)
             else:
                 scheduled = monotonic()
+            sent = monotonic()
             try:
                 step(*args)
             except (Failed, OSError, ValueError) as e:
@@ -301,6 +313,7 @@ def run_slice(client, job: dict):
                 break
             last = monotonic()
             latencies[kind].append(int((last - scheduled) * 1e6))
+            late[kind].append(int((sent - scheduled) * 1e6))
         if ok:
             sessions += 1
         elif job["server"] == "ours":
@@ -311,8 +324,9 @@ def run_slice(client, job: dict):
                 client = SERVERS[job["server"]](job)
         i += 1
     cpu = time.process_time() - cpu0
-    return ({"sessions": sessions, "errors": errors, "failures": failures, "latency_us": latencies,
-             "cpu": round(cpu, 4), "wall": round(last - wall0, 4), "first": wall0, "last": last}, client)
+    return ({"sessions": sessions, "errors": errors, "failures": failures, "latency_us": latencies, "late_us": late,
+             "cpu": round(cpu, 4), "wall": round(last - wall0, 4), "first": wall0, "last": last,
+             "shifted": round(shifted, 4)}, client)
 
 
 def main() -> int:

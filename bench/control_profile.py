@@ -1,7 +1,8 @@
 """Where the control path's time goes: py-spy samples media-dispatcher and
-media-relay while 8 clients of bench/control.py run sessions back to back.
+media-relay while 8 clients of bench/control.py run sessions back to back
+(or, with --rate, send them at that rate: the open loop).
 
-    python -m bench.control_profile [--seconds 10] [--clients 8] [--svg DIR]
+    python -m bench.control_profile [--seconds 10] [--clients 8] [--rate N] [--gil] [--svg DIR]
 
 Needs py-spy in the virtualenv (.venv/bin/pip install py-spy). Prints, per
 daemon, its CPU share over the run, the share of its busy samples spent in
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.control_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rate", type=float,
+                        help="open loop: sessions/s, all clients together (default: closed loop, back to back)")
     parser.add_argument("--gil", action="store_true",
                         help="only samples holding the GIL: Python's own work, without the time in syscalls")
     parser.add_argument("--svg", type=Path, help="also write flame graphs (dispatcher.svg, relay.svg) here")
@@ -123,7 +126,8 @@ def main(argv=None) -> int:
             time.sleep(1.0)                                  # py-spy attached
             cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             started = time.monotonic()
-            result = bench.run("ours", args.clients, args.seconds)
+            load = {"mode": "open", "session_rate": args.rate} if args.rate else {}
+            result = bench.run("ours", args.clients, args.seconds, **load)
             elapsed = time.monotonic() - started
             cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
             for name, (raw, spy) in spies.items():
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
                 if args.svg:
                     args.svg.mkdir(parents=True, exist_ok=True)
                     shutil.copy(raw, args.svg / f"{name}.txt")
-            report["load"] = {k: v for k, v in result.items() if k != "_latencies"}
+            report["load"] = {k: v for k, v in result.items() if not k.startswith("_")}
             if args.svg:
                 for name in pids:
                     raw = args.svg / f"{name}.txt"
