@@ -41,6 +41,11 @@ def _unclaimed(component, source, data, now):
     return None
 
 
+def _close(ports) -> None:
+    for listening in ports:
+        listening.stopListening()
+
+
 class MediaPort:
     """One socket of a port pair (RTP on the even port, RTCP on the odd one)."""
 
@@ -186,23 +191,14 @@ class UserspaceForwarding(StreamListener):
     def prepare(self, ports) -> None:
         ready = self.ready
         for port in [port for port in ready if port not in ports]:
-            self._close_ready(port)
+            _close(ready.pop(port))
         for port in ports:
             if port in ready or port in self.receivers:
                 continue
-            opened = []
             try:
-                for component in (0, 1):
-                    opened.append(MediaPort(self, port + component, _unclaimed))
+                ready[port] = self._bind_pair(port, _unclaimed)
             except (CannotListenError, OSError):    # in use, or no descriptor left: `open` tries, says so
-                for listening in opened:
-                    listening.stopListening()
                 continue
-            ready[port] = opened
-
-    def _close_ready(self, port: int) -> None:
-        for listening in self.ready.pop(port):
-            listening.stopListening()
 
     def open(self, port: int, receiver, ip_version: int = None) -> None:
         other_version = ip_version is not None and ip_version != self.main_version
@@ -216,28 +212,29 @@ class UserspaceForwarding(StreamListener):
                 self.sockets[port], self.sockets[port + 1] = ready
                 self.receivers[port] = receiver
                 return
-            for listening in ready:                 # bound on the main address: not this pair's
-                listening.stopListening()
+            _close(ready)                           # bound on the main address: not this pair's
         if other_version:
             if ip_version not in self.ips:
                 raise ValueError("the relay has no IPv%d address" % ip_version)
             self.other_version_pairs[port] = ip_version
-        opened = []
         try:
-            for component in (0, 1):
-                opened.append(self.listen(port + component, receiver))
+            self.sockets[port], self.sockets[port + 1] = self._bind_pair(port, receiver)
         except CannotListenError:
-            for listening in opened:
-                listening.stopListening()
             self.other_version_pairs.pop(port, None)
             raise PortUnavailable(port) from None
         except OSError:                 # no descriptor or buffer left: the caller says so
-            for listening in opened:
-                listening.stopListening()
             self.other_version_pairs.pop(port, None)
             raise
-        self.sockets[port], self.sockets[port + 1] = opened
         self.receivers[port] = receiver
+
+    def _bind_pair(self, port: int, receiver) -> list:
+        """Both sockets of the pair of even `port`, or neither (what the second raised is raised)."""
+        first = self.listen(port, receiver)
+        try:
+            return [first, self.listen(port + 1, receiver)]
+        except BaseException:
+            first.stopListening()
+            raise
 
     def listen(self, port: int, receiver) -> MediaPort:
         """One socket of a pair, on the address of its pair's IP version; raises CannotListenError."""
@@ -247,7 +244,7 @@ class UserspaceForwarding(StreamListener):
     def stop(self) -> None:
         """No more reading (the relay stops): the sockets are closed with the process or by close."""
         for port in list(self.ready):
-            self._close_ready(port)
+            _close(self.ready.pop(port))
         self.poller.stop()
 
     def ip_of(self, port: int) -> str:
