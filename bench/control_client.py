@@ -27,8 +27,8 @@ every fraction of a second and be measured in the same seconds):
           the backlog of the one before it.
 
 The answer, for each slice: sessions completed, errors (and the first few),
-every request's latency in microseconds by kind and how late the client sent
-it (in the open loop: while its previous request was still unanswered, or
+every request's latency in microseconds by kind and, in the open loop, how
+late the client sent it (while its previous request was still unanswered, or
 while it waited for a CPU), the client's CPU seconds and its wall time.
 """
 
@@ -300,9 +300,9 @@ def run_slice(client, job: dict):
                 now = monotonic()
                 if scheduled > now:
                     sleep(scheduled - now)
+                sent = monotonic()
             else:
-                scheduled = monotonic()
-            sent = monotonic()
+                scheduled = sent = monotonic()
             try:
                 step(*args)
             except (Failed, OSError, ValueError) as e:
@@ -313,7 +313,8 @@ def run_slice(client, job: dict):
                 break
             last = monotonic()
             latencies[kind].append(int((last - scheduled) * 1e6))
-            late[kind].append(int((sent - scheduled) * 1e6))
+            if open_loop:
+                late[kind].append(int((sent - scheduled) * 1e6))
         if ok:
             sessions += 1
         elif job["server"] == "ours":
